@@ -1,0 +1,6 @@
+// AVX2 build of the CPU kernel. FMA stays off: the spec forbids contraction (and -ffp-contract=off is set too).
+#if defined(__x86_64__)
+#pragma GCC target("avx2")
+#define HISO_CPU_ISA avx2
+#include "zo_cpu_kernel.h"
+#endif

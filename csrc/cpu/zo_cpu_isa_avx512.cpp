@@ -1,0 +1,6 @@
+// AVX-512 (F, BW, DQ, VL) build of the CPU kernel.
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
+#define HISO_CPU_ISA avx512
+#include "zo_cpu_kernel.h"
+#endif

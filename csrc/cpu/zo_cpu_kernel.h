@@ -1,0 +1,258 @@
+// CPU implementation of the fused zeroth-order round (docs/kernels.md), written to auto-vectorise.
+//
+// This header is compiled once per instruction set (zo_cpu_isa_*.cpp defines HISO_CPU_ISA and a target pragma) and
+// the module picks the best one at run time. The arithmetic lives in the shared headers; this file only arranges it
+// in tiles of 64 elements (16 Philox groups) whose loops are branch-free so that GCC and Clang turn them into SIMD
+// code. Tiles are aligned to the global group index, so a tile never depends on where a tensor starts.
+#pragma once
+
+#include <omp.h>
+
+#include <cstdint>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
+#include "hiso/zo_round.h"
+#include "zo_cpu_job.h"
+
+namespace hiso {
+namespace cpu {
+namespace HISO_CPU_ISA {
+
+// Local min / max: std:: templates instantiated under different target pragmas would share one COMDAT symbol, and
+// the linker could hand the AVX-512 copy to the baseline build.
+template <class T>
+static inline T lesser(T a, T b) {
+  return a < b ? a : b;
+}
+template <class T>
+static inline T greater(T a, T b) {
+  return a < b ? b : a;
+}
+
+constexpr int kTileGroups = 16;
+constexpr int kTile = 4 * kTileGroups;
+
+// Philox words of 16 consecutive groups in structure-of-arrays form.
+struct TileWords {
+  uint32_t w[4][kTileGroups];
+};
+
+static inline void tile_words(uint32_t c2, uint32_t c3, uint64_t key, uint64_t g0, TileWords& out) {
+  const uint32_t k0 = static_cast<uint32_t>(key);
+  const uint32_t k1 = static_cast<uint32_t>(key >> 32);
+#pragma omp simd
+  for (int i = 0; i < kTileGroups; ++i) {
+    const uint64_t g = g0 + static_cast<uint64_t>(i);
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), c2, c3, k0, k1);
+    out.w[0][i] = r.v[0];
+    out.w[1][i] = r.v[1];
+    out.w[2][i] = r.v[2];
+    out.w[3][i] = r.v[3];
+  }
+}
+
+// u[4 i + l] = direction value of element 4 (g0 + i) + l.
+template <int DIST>
+static inline void tile_directions(uint64_t seed, uint32_t p, uint64_t g0, float* __restrict u) {
+  TileWords tw;
+  tile_words(p, kTagDirection, seed, g0, tw);
+  float z[4][kTileGroups];
+  if (DIST == kGaussian) {
+#pragma omp simd
+    for (int i = 0; i < kTileGroups; ++i) {
+      gaussian_pair(tw.w[0][i], tw.w[1][i], z[0][i], z[1][i]);
+      gaussian_pair(tw.w[2][i], tw.w[3][i], z[2][i], z[3][i]);
+    }
+  } else {
+#pragma omp simd
+    for (int i = 0; i < kTileGroups; ++i) {
+      z[0][i] = rademacher(tw.w[0][i]);
+      z[1][i] = rademacher(tw.w[1][i]);
+      z[2][i] = rademacher(tw.w[2][i]);
+      z[3][i] = rademacher(tw.w[3][i]);
+    }
+  }
+  for (int i = 0; i < kTileGroups; ++i) {
+    u[4 * i + 0] = z[0][i];
+    u[4 * i + 1] = z[1][i];
+    u[4 * i + 2] = z[2][i];
+    u[4 * i + 3] = z[3][i];
+  }
+}
+
+static inline void tile_rounding_bits(uint64_t rseed, uint64_t g0, uint32_t* __restrict bits) {
+  TileWords tw;
+  tile_words(0u, kTagRounding, rseed, g0, tw);
+  for (int i = 0; i < kTileGroups; ++i) {
+    bits[4 * i + 0] = tw.w[0][i];
+    bits[4 * i + 1] = tw.w[1][i];
+    bits[4 * i + 2] = tw.w[2][i];
+    bits[4 * i + 3] = tw.w[3][i];
+  }
+}
+
+// One chunk: groups [g_begin, g_end) of one tensor, all rounds of the program, one read and one write per element.
+template <class S, bool HAS_H, int RULE, int DIST>
+static void process_chunk(const Job& job, int64_t chunk) {
+  using Raw = typename S::Raw;
+  const Program& prog = job.prog;
+  const int64_t slot = job.chunks[2 * chunk];
+  const uint64_t g_begin = static_cast<uint64_t>(job.chunks[2 * chunk + 1]);
+  const int64_t* s = job.slots + 4 * slot;
+  Raw* __restrict x = reinterpret_cast<Raw*>(static_cast<intptr_t>(s[0]));
+  float* __restrict h = reinterpret_cast<float*>(static_cast<intptr_t>(s[1]));
+  const int64_t numel = s[2];
+  const int64_t offset = s[3];
+  const uint64_t g_last = static_cast<uint64_t>(offset + numel - 1) >> 2;
+  const uint64_t g_end = lesser<uint64_t>(g_begin + static_cast<uint64_t>(job.groups_per_chunk), g_last + 1);
+
+  alignas(64) float xv[kTile];
+  alignas(64) float hv[kTile];
+  alignas(64) float ax[kTile];
+  alignas(64) float ah[kTile];
+  alignas(64) float u[kTile];
+  alignas(64) float y[kTile];
+  alignas(64) uint32_t rbits[kTile];
+  alignas(64) Raw raw[kTile];
+
+  for (uint64_t g0 = g_begin; g0 < g_end; g0 += kTileGroups) {
+    const int64_t local0 = static_cast<int64_t>(4 * g0) - offset;  // tensor position of the tile's first element
+    const int lo = static_cast<int>(greater<int64_t>(0, -local0));
+    const int hi = static_cast<int>(
+        lesser<int64_t>(lesser<int64_t>(kTile, numel - local0), static_cast<int64_t>(4 * (g_end - g0))));
+    for (int l = 0; l < kTile; ++l) {
+      xv[l] = 0.0f;
+      hv[l] = 1.0f;
+    }
+    for (int l = lo; l < hi; ++l) xv[l] = S::load(x[local0 + l]);
+    if (HAS_H) {
+      for (int l = lo; l < hi; ++l) hv[l] = h[local0 + l];
+    }
+    for (int64_t r = 0; r < prog.n_rounds; ++r) {
+      for (int l = 0; l < kTile; ++l) {
+        ax[l] = 0.0f;
+        ah[l] = 0.0f;
+      }
+      for (int64_t t = prog.round_start[r]; t < prog.round_start[r + 1]; ++t) {
+        tile_directions<DIST>(static_cast<uint64_t>(prog.seeds[t]), static_cast<uint32_t>(prog.dirs[t]), g0, u);
+        const float a = prog.coef_x[t];
+        const float b = (RULE != kRuleNone) ? prog.coef_h[t] : 0.0f;
+#pragma omp simd
+        for (int l = 0; l < kTile; ++l) accumulate_term<RULE>(u[l], a, b, ax[l], ah[l]);
+      }
+      const float wd = prog.round_wd[r];
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l) y[l] = finish_round<HAS_H, RULE>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+      if (S::kRoundsDown) {
+        const int64_t rseed = prog.round_rseed[r];
+        if (rseed >= 0) {
+          tile_rounding_bits(static_cast<uint64_t>(rseed), g0, rbits);
+#pragma omp simd
+          for (int l = 0; l < kTile; ++l) raw[l] = S::round_stochastic(y[l], rbits[l], xv[l]);
+        } else {
+#pragma omp simd
+          for (int l = 0; l < kTile; ++l) raw[l] = S::round_nearest(y[l], xv[l]);
+        }
+      } else {
+        for (int l = 0; l < kTile; ++l) xv[l] = y[l];
+      }
+    }
+    if (S::kRoundsDown) {
+      for (int l = lo; l < hi; ++l) x[local0 + l] = raw[l];
+    } else {
+      for (int l = lo; l < hi; ++l) x[local0 + l] = static_cast<Raw>(xv[l]);
+    }
+    if (HAS_H && RULE != kRuleNone) {
+      for (int l = lo; l < hi; ++l) h[local0 + l] = hv[l];
+    }
+  }
+}
+
+// Floating-point environment guard: IEEE results need denormals kept (no FTZ / DAZ), whatever the caller set.
+struct IeeeDenormals {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned int saved;
+  IeeeDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved & ~(0x8000u | 0x0040u)); }
+  ~IeeeDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+template <class S, bool HAS_H, int RULE, int DIST>
+static void run_typed(const Job& job) {
+#pragma omp parallel num_threads(job.num_threads) if (job.n_chunks > 1 && job.num_threads > 1)
+  {
+    IeeeDenormals guard;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < job.n_chunks; ++c) process_chunk<S, HAS_H, RULE, DIST>(job, c);
+  }
+}
+
+template <class S, bool HAS_H, int RULE>
+static void run_dist(const Job& job) {
+  if (job.distribution == kGaussian) {
+    run_typed<S, HAS_H, RULE, kGaussian>(job);
+  } else {
+    run_typed<S, HAS_H, RULE, kRademacher>(job);
+  }
+}
+
+template <class S>
+static void run_storage(const Job& job) {
+  if (!job.has_h) {
+    run_dist<S, false, kRuleNone>(job);
+  } else if (job.rule == kRuleGsq) {
+    run_dist<S, true, kRuleGsq>(job);
+  } else if (job.rule == kRuleStein) {
+    run_dist<S, true, kRuleStein>(job);
+  } else {
+    run_dist<S, true, kRuleNone>(job);
+  }
+}
+
+void run_job(const Job& job) {
+  switch (job.dtype) {
+    case kFloat32:
+      run_storage<StoreF32>(job);
+      break;
+    case kBFloat16:
+      run_storage<StoreBF16>(job);
+      break;
+    default:
+      run_storage<StoreF16>(job);
+      break;
+  }
+}
+
+template <int DIST>
+static void fill_directions_dist(uint64_t seed, uint32_t p, int64_t start, int64_t n, float* out, int num_threads) {
+  const uint64_t g_first = static_cast<uint64_t>(start) >> 2;
+  const uint64_t g_stop = static_cast<uint64_t>(start + n + 3) >> 2;
+  const int64_t n_tiles = static_cast<int64_t>((g_stop - g_first + kTileGroups - 1) / kTileGroups);
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n_tiles > 64 && num_threads > 1)
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    IeeeDenormals guard;
+    alignas(64) float u[kTile];
+    const uint64_t g0 = g_first + static_cast<uint64_t>(t) * kTileGroups;
+    tile_directions<DIST>(seed, p, g0, u);
+    const int64_t local0 = static_cast<int64_t>(4 * g0) - start;
+    const int lo = static_cast<int>(greater<int64_t>(0, -local0));
+    const int hi = static_cast<int>(lesser<int64_t>(kTile, n - local0));
+    for (int l = lo; l < hi; ++l) out[local0 + l] = u[l];
+  }
+}
+
+void fill_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, float* out,
+                     int num_threads) {
+  if (distribution == kGaussian) {
+    fill_directions_dist<kGaussian>(seed, p, start, n, out, num_threads);
+  } else {
+    fill_directions_dist<kRademacher>(seed, p, start, n, out, num_threads);
+  }
+}
+
+}  // namespace HISO_CPU_ISA
+}  // namespace cpu
+}  // namespace hiso

@@ -1,0 +1,280 @@
+// CUDA kernels of the fused zeroth-order round (docs/kernels.md).
+//
+// The element arithmetic is the same header code as the CPU backend (hiso/zo_round.h), compiled with -fmad=false
+// and explicit __fdiv_rn / __fsqrt_rn, so results are bit-identical to the CPU, Triton and torch backends.
+// One thread owns one group of four consecutive elements (one Philox call per term), one block owns one chunk of
+// kGroupsPerChunk groups of one tensor; the chunk table makes a whole parameter list a single launch.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "zo_cuda.h"
+
+namespace hiso {
+namespace cuda {
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("hiso CUDA: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+template <class Raw>
+struct Vec4;
+template <>
+struct alignas(16) Vec4<float> {
+  float v[4];
+};
+template <>
+struct alignas(8) Vec4<uint16_t> {
+  uint16_t v[4];
+};
+
+template <class S, bool HAS_H, int RULE, int DIST>
+__global__ void __launch_bounds__(kGroupsPerChunk)
+    zo_program_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog) {
+  using Raw = typename S::Raw;
+  const int64_t chunk = blockIdx.x;
+  const int64_t slot = chunks[2 * chunk];
+  const uint64_t g = static_cast<uint64_t>(chunks[2 * chunk + 1]) + threadIdx.x;
+  const int64_t* s = slots + 4 * slot;
+  Raw* __restrict__ x = reinterpret_cast<Raw*>(s[0]);
+  float* __restrict__ h = reinterpret_cast<float*>(s[1]);
+  const int64_t numel = s[2];
+  const int64_t offset = s[3];
+  const int64_t local0 = static_cast<int64_t>(4 * g) - offset;
+  if (local0 >= numel || local0 + 4 <= 0) return;  // this thread's group lies outside the tensor
+  const bool full = local0 >= 0 && local0 + 4 <= numel;
+  // Whole aligned groups move as one 8- or 16-byte access.
+  const bool vec = full && (reinterpret_cast<uintptr_t>(x + local0) % sizeof(Vec4<Raw>) == 0) &&
+                   (!HAS_H || reinterpret_cast<uintptr_t>(h + local0) % 16 == 0);
+
+  float xv[4], hv[4];
+  Raw raw[4];
+  if (vec) {
+    const Vec4<Raw> xr = *reinterpret_cast<const Vec4<Raw>*>(x + local0);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) xv[l] = S::load(xr.v[l]);
+    if (HAS_H) {
+      const float4 hr = *reinterpret_cast<const float4*>(h + local0);
+      hv[0] = hr.x;
+      hv[1] = hr.y;
+      hv[2] = hr.z;
+      hv[3] = hr.w;
+    } else {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) hv[l] = 1.0f;
+    }
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = local0 + l;
+      const bool in = i >= 0 && i < numel;
+      xv[l] = in ? S::load(x[i]) : 0.0f;
+      hv[l] = (HAS_H && in) ? h[i] : 1.0f;
+    }
+  }
+
+  for (int64_t r = 0; r < prog.n_rounds; ++r) {
+    float ax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float ah[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int64_t t_end = __ldg(prog.round_start + r + 1);
+    for (int64_t t = __ldg(prog.round_start + r); t < t_end; ++t) {
+      const Philox4 w = direction_words(static_cast<uint64_t>(__ldg(prog.seeds + t)),
+                                        static_cast<uint32_t>(__ldg(prog.dirs + t)), g);
+      float z[4];
+      group_directions<DIST>(w, z);
+      const float a = __ldg(prog.coef_x + t);
+      const float b = (RULE != kRuleNone) ? __ldg(prog.coef_h + t) : 0.0f;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) accumulate_term<RULE>(z[l], a, b, ax[l], ah[l]);
+    }
+    const float wd = __ldg(prog.round_wd + r);
+    float y[4];
+#pragma unroll
+    for (int l = 0; l < 4; ++l) y[l] = finish_round<HAS_H, RULE>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+    if (S::kRoundsDown) {
+      const int64_t rseed = __ldg(prog.round_rseed + r);
+      if (rseed >= 0) {
+        const Philox4 rw = rounding_words(static_cast<uint64_t>(rseed), g);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) raw[l] = S::round_stochastic(y[l], rw.v[l], xv[l]);
+      } else {
+#pragma unroll
+        for (int l = 0; l < 4; ++l) raw[l] = S::round_nearest(y[l], xv[l]);
+      }
+    } else {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) xv[l] = y[l];
+    }
+  }
+
+  if (!S::kRoundsDown) {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) raw[l] = static_cast<Raw>(xv[l]);
+  }
+  constexpr bool kWritesH = HAS_H && RULE != kRuleNone;
+  if (vec) {
+    Vec4<Raw> xr;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) xr.v[l] = raw[l];
+    *reinterpret_cast<Vec4<Raw>*>(x + local0) = xr;
+    if (kWritesH) *reinterpret_cast<float4*>(h + local0) = make_float4(hv[0], hv[1], hv[2], hv[3]);
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = local0 + l;
+      if (i >= 0 && i < numel) {
+        x[i] = raw[l];
+        if (kWritesH) h[i] = hv[l];
+      }
+    }
+  }
+}
+
+template <int DIST>
+__global__ void __launch_bounds__(kGroupsPerChunk)
+    directions_kernel(uint64_t seed, uint32_t p, int64_t start, int64_t n, float* __restrict__ out) {
+  const uint64_t g = (static_cast<uint64_t>(start) >> 2) + static_cast<uint64_t>(blockIdx.x) * kGroupsPerChunk +
+                     threadIdx.x;
+  const int64_t local0 = static_cast<int64_t>(4 * g) - start;
+  if (local0 >= n) return;
+  float z[4];
+  group_directions<DIST>(direction_words(seed, p, g), z);
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    const int64_t i = local0 + l;
+    if (i >= 0 && i < n) out[i] = z[l];
+  }
+}
+
+template <int DIST>
+__global__ void __launch_bounds__(kGroupsPerChunk) directions_sum_kernel(uint64_t seed, int n_dirs, int64_t start,
+                                                                         int64_t n, float* __restrict__ partial) {
+  __shared__ float warp_sums[kGroupsPerChunk / 32];
+  const uint64_t g = (static_cast<uint64_t>(start) >> 2) + static_cast<uint64_t>(blockIdx.x) * kGroupsPerChunk +
+                     threadIdx.x;
+  const int64_t local0 = static_cast<int64_t>(4 * g) - start;
+  float acc = 0.0f;
+  if (local0 < n) {
+    for (int p = 0; p < n_dirs; ++p) {
+      float z[4];
+      group_directions<DIST>(direction_words(seed, static_cast<uint32_t>(p), g), z);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int64_t i = local0 + l;
+        acc += (i >= 0 && i < n) ? z[l] : 0.0f;
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xFFFFFFFFu, acc, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < kGroupsPerChunk / 32; ++w) total += warp_sums[w];
+    partial[blockIdx.x] = total;
+  }
+}
+
+template <class S, bool HAS_H, int RULE>
+void launch_dist(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int distribution,
+                 const Program& prog, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(n_chunks));
+  if (distribution == kGaussian) {
+    zo_program_kernel<S, HAS_H, RULE, kGaussian><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog);
+  } else {
+    zo_program_kernel<S, HAS_H, RULE, kRademacher><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog);
+  }
+}
+
+template <class S>
+void launch_storage(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, bool has_h, int rule,
+                    int distribution, const Program& prog, cudaStream_t stream) {
+  if (!has_h) {
+    launch_dist<S, false, kRuleNone>(slots, chunks, n_chunks, distribution, prog, stream);
+  } else if (rule == kRuleGsq) {
+    launch_dist<S, true, kRuleGsq>(slots, chunks, n_chunks, distribution, prog, stream);
+  } else if (rule == kRuleStein) {
+    launch_dist<S, true, kRuleStein>(slots, chunks, n_chunks, distribution, prog, stream);
+  } else {
+    launch_dist<S, true, kRuleNone>(slots, chunks, n_chunks, distribution, prog, stream);
+  }
+}
+
+unsigned int blocks_for(int64_t start, int64_t n) {
+  const int64_t groups = ((start + n + 3) >> 2) - (start >> 2);
+  const int64_t blocks = (groups + kGroupsPerChunk - 1) / kGroupsPerChunk;
+  if (blocks > 0x7FFFFFFF) throw std::invalid_argument("hiso CUDA: range too large for one launch");
+  return static_cast<unsigned int>(blocks);
+}
+
+}  // namespace
+
+void launch_program(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int dtype, bool has_h, int rule,
+                    int distribution, const Program& prog, void* stream_ptr) {
+  if (n_chunks <= 0) return;
+  if (n_chunks > 0x7FFFFFFF) throw std::invalid_argument("hiso CUDA: too many chunks for one launch");
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  switch (dtype) {
+    case 0:
+      launch_storage<StoreF32>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
+      break;
+    case 1:
+      launch_storage<StoreBF16>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
+      break;
+    case 2:
+      launch_storage<StoreF16>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
+      break;
+    default:
+      throw std::invalid_argument("hiso CUDA: unknown dtype code");
+  }
+  check(cudaGetLastError(), "zo_program_kernel launch");
+}
+
+void launch_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, float* out,
+                       void* stream_ptr) {
+  if (n <= 0) return;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const unsigned int blocks = blocks_for(start, n);
+  if (distribution == kGaussian) {
+    directions_kernel<kGaussian><<<blocks, kGroupsPerChunk, 0, stream>>>(seed, p, start, n, out);
+  } else {
+    directions_kernel<kRademacher><<<blocks, kGroupsPerChunk, 0, stream>>>(seed, p, start, n, out);
+  }
+  check(cudaGetLastError(), "directions_kernel launch");
+}
+
+void launch_directions_sum(uint64_t seed, int n_dirs, int64_t start, int64_t n, int distribution, float* partial,
+                           void* stream_ptr) {
+  if (n <= 0) return;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const unsigned int blocks = blocks_for(start, n);
+  if (distribution == kGaussian) {
+    directions_sum_kernel<kGaussian><<<blocks, kGroupsPerChunk, 0, stream>>>(seed, n_dirs, start, n, partial);
+  } else {
+    directions_sum_kernel<kRademacher><<<blocks, kGroupsPerChunk, 0, stream>>>(seed, n_dirs, start, n, partial);
+  }
+  check(cudaGetLastError(), "directions_sum_kernel launch");
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver / no device" error
+    return 0;
+  }
+  return n;
+}
+
+std::string runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+
+}  // namespace cuda
+}  // namespace hiso

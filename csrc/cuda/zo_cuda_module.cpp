@@ -1,0 +1,61 @@
+// Python module hiso_kernels._cuda: the CUDA backend's entry points.
+//
+// Like the CPU module it takes raw device addresses and the caller's stream handle, and links the CUDA runtime
+// statically, so it does not depend on torch's C++ ABI. CUDA streams are driver objects shared by every runtime in
+// the process, so the stream torch hands out is valid here.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "zo_cuda.h"
+
+namespace py = pybind11;
+using namespace hiso::cuda;
+
+namespace {
+
+template <class T>
+T* as_ptr(int64_t address) {
+  return reinterpret_cast<T*>(static_cast<intptr_t>(address));
+}
+
+void run(int64_t slots, int64_t chunks, int64_t n_chunks, int dtype, bool has_h, int rule, int distribution,
+         int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h, int64_t round_start, int64_t round_wd,
+         int64_t round_rseed, int64_t n_rounds, double beta, double one_minus_beta, double h_min, int64_t stream) {
+  hiso::Program prog;
+  prog.seeds = as_ptr<const int64_t>(seeds);
+  prog.dirs = as_ptr<const int64_t>(dirs);
+  prog.coef_x = as_ptr<const float>(coef_x);
+  prog.coef_h = as_ptr<const float>(coef_h);
+  prog.round_start = as_ptr<const int64_t>(round_start);
+  prog.round_wd = as_ptr<const float>(round_wd);
+  prog.round_rseed = as_ptr<const int64_t>(round_rseed);
+  prog.n_rounds = n_rounds;
+  prog.beta = static_cast<float>(beta);
+  prog.one_minus_beta = static_cast<float>(one_minus_beta);
+  prog.h_min = static_cast<float>(h_min);
+  launch_program(as_ptr<const int64_t>(slots), as_ptr<const int64_t>(chunks), n_chunks, dtype, has_h, rule,
+                 distribution, prog, as_ptr<void>(stream));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "hiso CUDA kernels; internal: use hiso_kernels' public functions.";
+  m.attr("GROUPS_PER_CHUNK") = kGroupsPerChunk;
+  m.def("run", &run, "Apply a zeroth-order program to the tensors of one dtype (device addresses).");
+  m.def(
+      "fill_directions",
+      [](uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, int64_t out, int64_t stream) {
+        launch_directions(seed, p, start, n, distribution, as_ptr<float>(out), as_ptr<void>(stream));
+      },
+      "Write directions of (seed, p) for global indices [start, start+n) to device memory.");
+  m.def(
+      "directions_sum",
+      [](uint64_t seed, int n_dirs, int64_t start, int64_t n, int distribution, int64_t partial, int64_t stream) {
+        launch_directions_sum(seed, n_dirs, start, n, distribution, as_ptr<float>(partial), as_ptr<void>(stream));
+      },
+      "Generator-only benchmark kernel: per-block sums of n_dirs directions.");
+  m.def("device_count", &device_count, "CUDA devices visible to this module's runtime (0 without a driver).");
+  m.def("runtime_version", &runtime_version, "Version of the statically linked CUDA runtime.");
+}

@@ -1,0 +1,114 @@
+// The per-element arithmetic of one zeroth-order round, shared by the CPU and CUDA backends (docs/kernels.md).
+//
+// A "program" is a list of rounds; round r holds terms i = round_start[r] .. round_start[r+1]-1, each a direction
+// (seed_i, p_i) with an x coefficient a_i and a curvature coefficient b_i. For every element j, round after round:
+//
+//   acc_x = sum_i a_i u_i            acc_h = sum_i b_i u_i (GSQ)  or  sum_i b_i (u_i^2 - 1) (STEIN)
+//   s     = sqrt(H)                  (1 without H)
+//   x     <- round(x - (acc_x / s + wd_r x))               to the storage dtype (nearest even or stochastic)
+//   H     <- max(beta H + (1 - beta) v, h_min),  v = (acc_h / s)^2 (GSQ) or H acc_h (STEIN)
+//
+// Sums run in term order starting from +0; every operation is a single fp32 IEEE operation.
+#pragma once
+
+#include "hiso/directions.h"
+
+namespace hiso {
+
+struct Program {
+  const int64_t* seeds;        // [T] in [0, 2^63)
+  const int64_t* dirs;         // [T] in [0, 2^31)
+  const float* coef_x;         // [T] a_i
+  const float* coef_h;         // [T] b_i (read only when the rule updates H)
+  const int64_t* round_start;  // [R + 1], round_start[0] = 0, round_start[R] = T
+  const float* round_wd;       // [R] weight decay factor (eta lambda) of each round
+  const int64_t* round_rseed;  // [R] stochastic-rounding seed of each round, -1 for round-to-nearest-even
+  int64_t n_rounds;
+  float beta;
+  float one_minus_beta;
+  float h_min;
+};
+
+// Storage types. `Raw` is what lives in memory; `load` is exact; `round` returns the stored bits and sets `value`
+// to their exact fp32 value, which the next round of a replay continues from.
+struct StoreF32 {
+  using Raw = float;
+  static constexpr bool kRoundsDown = false;
+  HISO_HD static float load(Raw v) { return v; }
+  HISO_HD static Raw round_nearest(float y, float& value) {
+    value = y;
+    return y;
+  }
+  HISO_HD static Raw round_stochastic(float y, uint32_t, float& value) {
+    value = y;
+    return y;
+  }
+};
+
+struct StoreBF16 {
+  using Raw = uint16_t;
+  static constexpr bool kRoundsDown = true;
+  HISO_HD static float load(Raw v) { return bf16_to_float(v); }
+  HISO_HD static Raw round_nearest(float y, float& value) {
+    const Raw r = float_to_bf16_nearest(y);
+    value = bf16_to_float(r);
+    return r;
+  }
+  HISO_HD static Raw round_stochastic(float y, uint32_t bits, float& value) {
+    const Raw r = float_to_bf16_stochastic(y, bits);
+    value = bf16_to_float(r);
+    return r;
+  }
+};
+
+struct StoreF16 {
+  using Raw = uint16_t;
+  static constexpr bool kRoundsDown = true;
+  HISO_HD static float load(Raw v) { return fp16_to_float(v); }
+  HISO_HD static Raw round_nearest(float y, float& value) {
+    const Raw r = float_to_fp16_nearest(y);
+    value = fp16_to_float(r);
+    return r;
+  }
+  HISO_HD static Raw round_stochastic(float y, uint32_t bits, float& value) {
+    const Raw r = float_to_fp16_nearest(fp16_stochastic_value(y, bits));
+    value = fp16_to_float(r);
+    return r;
+  }
+};
+
+template <int RULE>
+HISO_HD void accumulate_term(float u, float a, float b, float& acc_x, float& acc_h) {
+  acc_x = acc_x + a * u;
+  if (RULE == kRuleGsq) {
+    acc_h = acc_h + b * u;
+  } else if (RULE == kRuleStein) {
+    acc_h = acc_h + b * (u * u - 1.0f);
+  }
+}
+
+// Applies the end of a round to one element: returns the unrounded new x and updates h in place.
+template <bool HAS_H, int RULE>
+HISO_HD float finish_round(float x, float& h, float acc_x, float acc_h, float wd, const Program& prog) {
+  float t = acc_x;
+  float s = 1.0f;
+  if (HAS_H) {
+    s = HISO_SQRT(h);
+    t = HISO_DIV(acc_x, s);
+  }
+  const float y = x - (t + wd * x);
+  if (HAS_H && RULE != kRuleNone) {
+    float v;
+    if (RULE == kRuleGsq) {
+      const float g = HISO_DIV(acc_h, s);
+      v = g * g;
+    } else {
+      v = h * acc_h;
+    }
+    const float hn = prog.beta * h + prog.one_minus_beta * v;
+    h = (hn >= prog.h_min) ? hn : prog.h_min;  // also maps NaN to the floor
+  }
+  return y;
+}
+
+}  // namespace hiso

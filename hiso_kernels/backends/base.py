@@ -1,0 +1,137 @@
+"""The interface every backend implements, and the launch plan the compiled backends share."""
+
+from __future__ import annotations
+
+import abc
+import collections
+import threading
+
+import numpy as np
+import torch
+
+from .._program import Program
+from ..spec import Distribution
+
+#: dtype codes understood by the C++ / CUDA / Triton kernels
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class Backend(abc.ABC):
+    """A way to execute programs on tensors. Implementations are stateless apart from caches."""
+
+    name: str = ""
+    description: str = ""
+
+    @abc.abstractmethod
+    def availability(self) -> tuple[bool, str]:
+        """(usable in this process, why or why not)."""
+
+    @abc.abstractmethod
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend can run on tensors of ``device`` (given that it is available)."""
+
+    @abc.abstractmethod
+    def apply(
+        self,
+        params: list[torch.Tensor],
+        hessian: list[torch.Tensor] | None,
+        offsets: list[int],
+        program: Program,
+    ) -> None:
+        """Run ``program`` in place on ``params`` (and ``hessian``). Inputs are already validated."""
+
+    @abc.abstractmethod
+    def directions(
+        self, seed: int, direction: int, offset: int, numel: int, distribution: Distribution, device: torch.device
+    ) -> torch.Tensor:
+        """fp32 direction values for global indices [offset, offset + numel)."""
+
+
+class LaunchPlan:
+    """Tensor slots and chunk table for one dtype group: the multi-tensor form the fused kernels consume.
+
+    slots: int64 [n, 4] = (x address, H address or 0, numel, global offset of element 0)
+    chunks: int64 [m, 2] = (slot index, first global group); a chunk covers ``groups_per_chunk`` groups of 4 elements
+    or up to the end of its tensor.
+    """
+
+    __slots__ = ("slots", "chunks", "n_chunks", "groups_per_chunk", "dtype")
+
+    def __init__(self, params, hessian, offsets, groups_per_chunk: int):
+        n = len(params)
+        slots = np.zeros((n, 4), dtype=np.int64)
+        chunk_slot = []
+        chunk_first = []
+        for i, x in enumerate(params):
+            numel = x.numel()
+            off = offsets[i]
+            slots[i] = (x.data_ptr(), 0 if hessian is None else hessian[i].data_ptr(), numel, off)
+            g_first = off >> 2
+            g_last = (off + numel - 1) >> 2
+            firsts = np.arange(g_first, g_last + 1, groups_per_chunk, dtype=np.int64)
+            chunk_first.append(firsts)
+            chunk_slot.append(np.full(firsts.shape, i, dtype=np.int64))
+        chunks = np.stack([np.concatenate(chunk_slot), np.concatenate(chunk_first)], axis=1)
+        self.slots = torch.from_numpy(slots)
+        self.chunks = torch.from_numpy(np.ascontiguousarray(chunks))
+        self.n_chunks = int(chunks.shape[0])
+        self.groups_per_chunk = groups_per_chunk
+        self.dtype = params[0].dtype
+
+
+class PlanCache:
+    """Small LRU of launch plans keyed by the tensors' addresses, sizes and offsets (training calls repeat them)."""
+
+    def __init__(self, capacity: int = 16):
+        self._data: collections.OrderedDict = collections.OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, params, hessian, offsets, groups_per_chunk: int, device: torch.device) -> LaunchPlan:
+        key = (
+            device,
+            groups_per_chunk,
+            tuple((x.data_ptr(), x.numel(), x.dtype) for x in params),
+            None if hessian is None else tuple(h.data_ptr() for h in hessian),
+            tuple(offsets),
+        )
+        with self._lock:
+            plan = self._data.get(key)
+            if plan is not None:
+                self._data.move_to_end(key)
+                return plan
+        plan = LaunchPlan(params, hessian, offsets, groups_per_chunk)
+        if device.type != "cpu":
+            plan.slots = plan.slots.to(device, non_blocking=True)
+            plan.chunks = plan.chunks.to(device, non_blocking=True)
+        with self._lock:
+            self._data[key] = plan
+            while len(self._data) > self._capacity:
+                self._data.popitem(last=False)
+        return plan
+
+
+def group_by_dtype(params, hessian, offsets):
+    """Split a validated tensor list into per-dtype lists (kernels are specialised on the storage dtype)."""
+    groups: dict[torch.dtype, tuple[list, list | None, list]] = {}
+    for i, x in enumerate(params):
+        p, h, o = groups.setdefault(x.dtype, ([], None if hessian is None else [], []))
+        p.append(x)
+        if h is not None:
+            h.append(hessian[i])
+        o.append(offsets[i])
+    return groups
+
+
+def load_native(name: str, hint: str):
+    """Import a compiled module of the package, or return (None, a reason a user can act on)."""
+    import importlib
+    import importlib.util
+
+    full = f"hiso_kernels.{name}"
+    if importlib.util.find_spec(full) is None:
+        return None, f"hiso_kernels.{name} is not built ({hint})"
+    try:
+        return importlib.import_module(full), None
+    except ImportError as exc:  # built but unloadable (missing shared library, ABI mismatch, ...)
+        return None, f"hiso_kernels.{name} is built but failed to load: {exc}"

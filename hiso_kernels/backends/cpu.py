@@ -1,0 +1,65 @@
+"""The ``cpu`` backend: C++ kernels (OpenMP across cores, SIMD within a core) in the compiled module ``_cpu``."""
+
+from __future__ import annotations
+
+import torch
+
+from .._program import Program
+from ..spec import Distribution
+from .base import DTYPE_CODES, Backend, PlanCache, group_by_dtype, load_native
+
+_native, _IMPORT_ERROR = load_native("_cpu", "no C++ compiler at install time, or HISO_SKIP_NATIVE=1")
+
+#: groups of 4 elements per chunk of work (16 Ki elements): large enough to amortise scheduling, small enough to
+#: balance two to a few dozen threads on real parameter lists.
+GROUPS_PER_CHUNK = 4096
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    description = "C++ kernels with OpenMP and SIMD (hiso_kernels._cpu)"
+
+    def __init__(self):
+        self._plans = PlanCache()
+
+    def availability(self):
+        if _native is None:
+            return False, _IMPORT_ERROR
+        return True, f"built, instruction set {_native.isa()}"
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def apply(self, params, hessian, offsets, program: Program) -> None:
+        threads = torch.get_num_threads()
+        for p, h, o in group_by_dtype(params, hessian, offsets).values():
+            plan = self._plans.get(p, h, o, GROUPS_PER_CHUNK, torch.device("cpu"))
+            _native.run(
+                plan.slots.data_ptr(),
+                plan.chunks.data_ptr(),
+                plan.n_chunks,
+                plan.groups_per_chunk,
+                DTYPE_CODES[plan.dtype],
+                h is not None,
+                int(program.rule),
+                int(program.distribution),
+                threads,
+                program.seeds.data_ptr(),
+                program.dirs.data_ptr(),
+                program.coef_x.data_ptr(),
+                program.coef_h.data_ptr(),
+                program.round_start.data_ptr(),
+                program.round_wd.data_ptr(),
+                program.round_rseed.data_ptr(),
+                program.n_rounds,
+                program.beta,
+                program.one_minus_beta,
+                program.h_min,
+            )
+
+    def directions(self, seed, direction, offset, numel, distribution: Distribution, device) -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.float32)
+        if numel:
+            _native.fill_directions(seed, direction, offset, numel, int(distribution), out.data_ptr(),
+                                 torch.get_num_threads())
+        return out

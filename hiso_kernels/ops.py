@@ -1,0 +1,366 @@
+"""Public in-place zeroth-order operations (design section 2), registered as ``torch.ops.hiso.*`` custom ops.
+
+All operations work on a list of parameter tensors that together form the flat vector x: element ``k`` of
+``params[i]`` has the global index ``offset + numel(params[:i]) + k``, and direction values depend only on
+(seed, direction index, global index, distribution). Directions are regenerated inside the kernels and never stored.
+
+Coefficients, alpha, beta and weight decay are rounded once to fp32, the precision of the kernels. H is fp32 and
+either one tensor per parameter or one flat tensor over all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _validate as v
+from ._program import Round, build_program
+from .backends import select_backend
+from .spec import CurvatureRule, Distribution
+
+DEFAULT_BETA = 0.95
+DEFAULT_H_MIN = 1e-8
+
+
+def _run(
+    params: list[torch.Tensor],
+    hessian: list[torch.Tensor],
+    rounds: list[Round],
+    *,
+    offset: int,
+    distribution,
+    rule,
+    beta: float,
+    h_min: float,
+    stochastic_rounding: bool,
+    backend: Optional[str],
+    check_hessian: bool,
+) -> None:
+    """Validate everything, then run one program. Nothing is written if any check fails."""
+    params = v.tensor_list("params", params)
+    hessian = v.tensor_list("hessian", hessian, allow_empty=True)
+    device = v.check_params(params)
+    h_views = v.check_hessian(hessian, params)
+    offsets = v.global_offsets(params, offset)
+    rule = CurvatureRule.parse(rule)
+    if rule != CurvatureRule.NONE and h_views is None:
+        raise ValueError(f"curvature rule {rule.name.lower()!r} updates H, so a hessian is required")
+    program = build_program(
+        rounds, distribution=distribution, rule=rule, beta=beta, h_min=h_min, stochastic_rounding=stochastic_rounding
+    )
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
+    impl = select_backend(device, backend)
+    if h_views is not None and check_hessian:
+        v.check_hessian_values(h_views)
+    if all(p.numel() == 0 for p in params):
+        return
+    impl.apply(params, h_views, offsets, program)
+
+
+def _split_rounds(
+    seeds: Sequence[int],
+    directions: Sequence[int],
+    coefficients: Sequence[float],
+    curvature_coefficients: Sequence[float],
+    round_sizes: Sequence[int],
+    weight_decay: Sequence[float],
+) -> list[Round]:
+    if len(round_sizes) != len(weight_decay):
+        raise ValueError("round_sizes and weight_decay must have one entry per round")
+    if sum(round_sizes) != len(seeds) or any(n <= 0 for n in round_sizes):
+        raise ValueError("round_sizes must be positive and sum to the number of terms")
+    if curvature_coefficients and len(curvature_coefficients) != len(seeds):
+        raise ValueError(
+            f"curvature_coefficients has {len(curvature_coefficients)} entries for {len(seeds)} terms (or pass none)"
+        )
+    rounds = []
+    pos = 0
+    for n, wd in zip(round_sizes, weight_decay):
+        sl = slice(pos, pos + n)
+        rounds.append(
+            Round(seeds[sl], directions[sl], coefficients[sl], curvature_coefficients[sl] or None, weight_decay=wd)
+        )
+        pos += n
+    return rounds
+
+
+# ---------------------------------------------------------------- registered custom ops (the torch.ops.hiso namespace)
+@torch.library.custom_op("hiso::perturb_", mutates_args=("params",))
+def _perturb_op(
+    params: list[torch.Tensor],
+    hessian: list[torch.Tensor],
+    seed: int,
+    alpha: float,
+    direction: int,
+    offset: int,
+    distribution: str,
+    stochastic_rounding: bool,
+    backend: Optional[str],
+    check_hessian: bool,
+) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
+    _run(
+        params,
+        hessian,
+        [Round([seed], [direction], [-float(alpha)])],
+        offset=offset,
+        distribution=distribution,
+        rule=CurvatureRule.NONE,
+        beta=0.0,
+        h_min=0.0,
+        stochastic_rounding=stochastic_rounding,
+        backend=backend,
+        check_hessian=check_hessian,
+    )
+
+
+@torch.library.custom_op("hiso::replay_", mutates_args=("params", "hessian"))
+def _replay_op(
+    params: list[torch.Tensor],
+    hessian: list[torch.Tensor],
+    seeds: list[int],
+    directions: list[int],
+    coefficients: list[float],
+    curvature_coefficients: list[float],
+    round_sizes: list[int],
+    weight_decay: list[float],
+    offset: int,
+    rule: str,
+    beta: float,
+    h_min: float,
+    distribution: str,
+    stochastic_rounding: bool,
+    backend: Optional[str],
+    check_hessian: bool,
+) -> None:
+    _run(
+        params,
+        hessian,
+        _split_rounds(seeds, directions, coefficients, curvature_coefficients, round_sizes, weight_decay),
+        offset=offset,
+        distribution=distribution,
+        rule=rule,
+        beta=beta,
+        h_min=h_min,
+        stochastic_rounding=stochastic_rounding,
+        backend=backend,
+        check_hessian=check_hessian,
+    )
+
+
+@torch.library.custom_op("hiso::directions", mutates_args=())
+def _directions_op(
+    seed: int, numel: int, direction: int, offset: int, distribution: str, device: torch.device, backend: Optional[str]
+) -> torch.Tensor:
+    from ._program import _check_int
+    from . import spec
+
+    seed = _check_int("seed", seed, 0, spec.SEED_MAX)
+    direction = _check_int("direction", direction, 0, spec.DIRECTION_MAX)
+    numel = _check_int("numel", numel, 0, spec.INDEX_LIMIT)
+    offset = _check_int("offset", offset, 0, spec.INDEX_LIMIT - numel)
+    dist = Distribution.parse(distribution)
+    impl = select_backend(torch.device(device), backend)
+    return impl.directions(seed, direction, offset, numel, dist, torch.device(device))
+
+
+@_directions_op.register_fake
+def _(seed, numel, direction, offset, distribution, device, backend):
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------- public Python API
+def _seq(name: str, value, n: int | None = None) -> list:
+    """A scalar broadcast to length n, or a sequence (tensors and arrays accepted)."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    elif hasattr(value, "tolist") and not isinstance(value, (int, float)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple, range)):
+        return list(value)
+    if n is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value] * n
+    raise TypeError(f"{name} must be a sequence" + (" or a scalar" if n is not None else ""))
+
+
+def _hessian_arg(hessian) -> list[torch.Tensor]:
+    if hessian is None:
+        return []
+    if isinstance(hessian, torch.Tensor):
+        return [hessian]
+    return list(hessian)
+
+
+def _params_arg(params) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"params must be a tensor or a sequence of tensors, got {type(params).__name__}")
+    return list(params)
+
+
+def _dist_arg(distribution) -> str:
+    return Distribution.parse(distribution).name.lower()
+
+
+def _rule_arg(rule) -> str:
+    return CurvatureRule.parse(rule).name.lower()
+
+
+def perturb_(
+    params,
+    seed: int,
+    alpha: float,
+    *,
+    direction: int = 0,
+    hessian=None,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    stochastic_rounding: bool = False,
+    backend: str | None = None,
+    check_hessian: bool = True,
+) -> None:
+    """x <- x + alpha * u(seed, direction) / sqrt(H), in place, in one pass (H optional, read only).
+
+    MeZO's perturb / restore: ``perturb_(p, s, mu)``, ``perturb_(p, s, -2 * mu)``, ``perturb_(p, s, mu)``.
+    """
+    torch.ops.hiso.perturb_(
+        _params_arg(params), _hessian_arg(hessian), seed, alpha, direction, offset, _dist_arg(distribution),
+        stochastic_rounding, backend, check_hessian,
+    )
+
+
+def zo_update_(
+    params,
+    seeds,
+    directions,
+    coefficients,
+    *,
+    hessian=None,
+    offset: int = 0,
+    weight_decay: float = 0.0,
+    distribution: str = "gaussian",
+    stochastic_rounding: bool = False,
+    backend: str | None = None,
+    check_hessian: bool = True,
+) -> None:
+    """x <- x - (sum_i a_i u(seed_i, p_i) / sqrt(H) + weight_decay * x), all terms in one pass (H read only).
+
+    A ZO-SGD step with P directions from one seed: ``zo_update_(p, seed, range(P), [lr * c_p / P for c_p in c])``.
+    ``seeds`` or ``directions`` may be a single integer, broadcast to the length of ``coefficients``.
+    """
+    coefficients = _seq("coefficients", coefficients)
+    n = len(coefficients)
+    rnd = Round(_seq("seeds", seeds, n), _seq("directions", directions, n), coefficients, weight_decay=weight_decay)
+    replay_(
+        params, [rnd], hessian=hessian, rule="none", offset=offset, distribution=distribution,
+        stochastic_rounding=stochastic_rounding, backend=backend, check_hessian=check_hessian,
+    )
+
+
+def hiso_round_(
+    params,
+    hessian,
+    seeds,
+    directions,
+    coefficients,
+    curvature_coefficients,
+    *,
+    beta: float = DEFAULT_BETA,
+    h_min: float = DEFAULT_H_MIN,
+    rule: str = "gsq",
+    offset: int = 0,
+    weight_decay: float = 0.0,
+    distribution: str = "gaussian",
+    stochastic_rounding: bool = False,
+    backend: str | None = None,
+    check_hessian: bool = True,
+) -> None:
+    """One HiSo round in one pass: the x update with the old H, then the H update (design section 1).
+
+    x <- x - (sum_i a_i u_i / sqrt(H) + weight_decay x);   H <- max(beta H + (1 - beta) v, h_min) with
+    v = (sum_i b_i u_i / sqrt(H))^2 for rule "gsq" (HiSo: b_i = c_i / P of the round's last step) or
+    v = H sum_i b_i (u_i^2 - 1) for rule "stein" (b_i = second differences / P).
+    """
+    if hessian is None:
+        raise ValueError("hiso_round_ needs hessian (fp32, > 0; start it at ones)")
+    coefficients = _seq("coefficients", coefficients)
+    n = len(coefficients)
+    rnd = Round(
+        _seq("seeds", seeds, n), _seq("directions", directions, n), coefficients,
+        _seq("curvature_coefficients", curvature_coefficients), weight_decay=weight_decay,
+    )
+    replay_(
+        params, [rnd], hessian=hessian, rule=rule, beta=beta, h_min=h_min, offset=offset,
+        distribution=distribution, stochastic_rounding=stochastic_rounding, backend=backend,
+        check_hessian=check_hessian,
+    )
+
+
+def replay_(
+    params,
+    rounds: Sequence[Round],
+    *,
+    hessian=None,
+    rule: str | None = None,
+    beta: float = DEFAULT_BETA,
+    h_min: float = DEFAULT_H_MIN,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    stochastic_rounding: bool = False,
+    backend: str | None = None,
+    check_hessian: bool = True,
+) -> None:
+    """Apply many rounds in one pass over memory; equal, bit for bit, to applying them one by one.
+
+    ``rule`` defaults to "gsq" when ``hessian`` is given (H is updated after each round) and "none" otherwise.
+    """
+    if isinstance(rounds, Round):
+        rounds = [rounds]
+    if isinstance(rounds, (str, bytes)) or not hasattr(rounds, "__iter__"):
+        raise TypeError(f"rounds must be a sequence of hiso_kernels.Round, got {type(rounds).__name__}")
+    rounds = list(rounds)
+    if not rounds:
+        raise ValueError("rounds is empty")
+    if rule is None:
+        rule = "gsq" if hessian is not None else "none"
+    seeds, dirs, coefs, curv, sizes, wds = [], [], [], [], [], []
+    any_curv = False
+    for r, rnd in enumerate(rounds):
+        if not isinstance(rnd, Round):
+            raise TypeError(f"rounds[{r}] must be a hiso_kernels.Round, got {type(rnd).__name__}")
+        s = _seq(f"rounds[{r}].seeds", rnd.seeds)
+        seeds += s
+        dirs += _seq(f"rounds[{r}].directions", rnd.directions)
+        coefs += _seq(f"rounds[{r}].coefficients", rnd.coefficients)
+        if rnd.curvature_coefficients is None:
+            curv += [0.0] * len(s)
+        else:
+            curv += _seq(f"rounds[{r}].curvature_coefficients", rnd.curvature_coefficients)
+            any_curv = True
+        sizes.append(len(s))
+        wds.append(rnd.weight_decay)
+    if not (len(seeds) == len(dirs) == len(coefs) == len(curv)):
+        raise ValueError("every round needs equally many seeds, directions, coefficients (and curvature coefficients)")
+    torch.ops.hiso.replay_(
+        _params_arg(params), _hessian_arg(hessian), seeds, dirs, coefs, curv if any_curv else [], sizes, wds, offset,
+        _rule_arg(rule), beta, h_min, _dist_arg(distribution), stochastic_rounding, backend, check_hessian,
+    )
+
+
+def directions(
+    seed: int,
+    numel: int,
+    *,
+    direction: int = 0,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Materialise u(seed, direction) for global indices [offset, offset + numel) as fp32 (tests, reference use)."""
+    return torch.ops.hiso.directions(seed, numel, direction, offset, _dist_arg(distribution), torch.device(device),
+                                     backend)
