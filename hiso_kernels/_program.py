@@ -8,14 +8,14 @@ or more rounds, so each backend needs exactly one fused kernel.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from . import spec
+from ._validate import check_f32 as _check_f32
+from ._validate import check_int as _check_int
 from .spec import CurvatureRule, Distribution
 
 
@@ -74,28 +74,6 @@ class Program:
         for f in ("seeds", "dirs", "coef_x", "coef_h", "round_start", "round_wd", "round_rseed"):
             fields[f] = getattr(self, f).to(device, non_blocking=True)
         return dataclasses.replace(self, **fields)
-
-
-def _check_int(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} = {value} is outside [{lo}, {hi}]")
-    return value
-
-
-def _check_f32(name: str, value) -> float:
-    """A finite real number, rounded once to fp32 (the precision the kernels use)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    rounded = spec.to_f32(value)
-    if not math.isfinite(rounded):
-        raise ValueError(f"{name} = {value} overflows fp32")
-    return rounded
 
 
 def _as_list(name: str, values) -> list:

@@ -12,6 +12,31 @@ from . import spec
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} = {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def check_f32(name: str, value) -> float:
+    """A finite real number, rounded once to fp32 (the precision of the kernels)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    try:
+        rounded = spec.to_f32(value)
+    except OverflowError:
+        rounded = math.inf
+    if not math.isfinite(rounded):
+        raise ValueError(f"{name} = {value} overflows fp32")
+    return rounded
+
+
 def tensor_list(name: str, value, *, allow_empty: bool = False) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         value = [value]

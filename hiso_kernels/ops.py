@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _validate as v
+from . import spec
 from ._program import Round, build_program
 from .backends import select_backend
 from .spec import CurvatureRule, Distribution
@@ -155,13 +156,10 @@ def _replay_op(
 def _directions_op(
     seed: int, numel: int, direction: int, offset: int, distribution: str, device: torch.device, backend: Optional[str]
 ) -> torch.Tensor:
-    from ._program import _check_int
-    from . import spec
-
-    seed = _check_int("seed", seed, 0, spec.SEED_MAX)
-    direction = _check_int("direction", direction, 0, spec.DIRECTION_MAX)
-    numel = _check_int("numel", numel, 0, spec.INDEX_LIMIT)
-    offset = _check_int("offset", offset, 0, spec.INDEX_LIMIT - numel)
+    seed = v.check_int("seed", seed, 0, spec.SEED_MAX)
+    direction = v.check_int("direction", direction, 0, spec.DIRECTION_MAX)
+    numel = v.check_int("numel", numel, 0, spec.INDEX_LIMIT)
+    offset = v.check_int("offset", offset, 0, spec.INDEX_LIMIT - numel)
     dist = Distribution.parse(distribution)
     impl = select_backend(torch.device(device), backend)
     return impl.directions(seed, direction, offset, numel, dist, torch.device(device))
@@ -195,11 +193,24 @@ def _hessian_arg(hessian) -> list[torch.Tensor]:
 
 
 def _params_arg(params) -> list[torch.Tensor]:
-    if isinstance(params, torch.Tensor):
-        return [params]
-    if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
-        raise TypeError(f"params must be a tensor or a sequence of tensors, got {type(params).__name__}")
-    return list(params)
+    params = v.tensor_list("params", params)
+    # Checked here as well as in the op: with a tensor on the meta device in the list the dispatcher would route the
+    # call to the op's fake kernel and nothing would be checked.
+    device = params[0].device
+    for i, t in enumerate(params):
+        if t.device != device:
+            raise ValueError(f"params[{i}] is on {t.device} but params[0] is on {device}: use one device per call")
+    return params
+
+
+def _offset_arg(offset) -> int:
+    return v.check_int("offset", offset, 0, spec.INDEX_LIMIT)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def _dist_arg(distribution) -> str:
@@ -227,9 +238,13 @@ def perturb_(
 
     MeZO's perturb / restore: ``perturb_(p, s, mu)``, ``perturb_(p, s, -2 * mu)``, ``perturb_(p, s, mu)``.
     """
+    seed = v.check_int("seed", seed, 0, spec.SEED_MAX)
+    direction = v.check_int("direction", direction, 0, spec.DIRECTION_MAX)
+    alpha = v.check_f32("alpha", alpha)
     torch.ops.hiso.perturb_(
-        _params_arg(params), _hessian_arg(hessian), seed, alpha, direction, offset, _dist_arg(distribution),
-        stochastic_rounding, backend, check_hessian,
+        _params_arg(params), _hessian_arg(hessian), seed, alpha, direction, _offset_arg(offset),
+        _dist_arg(distribution), _flag("stochastic_rounding", stochastic_rounding), backend,
+        _flag("check_hessian", check_hessian),
     )
 
 
@@ -333,21 +348,32 @@ def replay_(
         if not isinstance(rnd, Round):
             raise TypeError(f"rounds[{r}] must be a hiso_kernels.Round, got {type(rnd).__name__}")
         s = _seq(f"rounds[{r}].seeds", rnd.seeds)
-        seeds += s
-        dirs += _seq(f"rounds[{r}].directions", rnd.directions)
-        coefs += _seq(f"rounds[{r}].coefficients", rnd.coefficients)
-        if rnd.curvature_coefficients is None:
+        p = _seq(f"rounds[{r}].directions", rnd.directions)
+        a = _seq(f"rounds[{r}].coefficients", rnd.coefficients)
+        b = None if rnd.curvature_coefficients is None else _seq(
+            f"rounds[{r}].curvature_coefficients", rnd.curvature_coefficients)
+        if not s:
+            raise ValueError(f"rounds[{r}] has no terms")
+        if len(p) != len(s) or len(a) != len(s) or (b is not None and len(b) != len(s)):
+            raise ValueError(
+                f"rounds[{r}]: seeds, directions, coefficients (and curvature_coefficients) must have equal lengths, "
+                f"got {len(s)}, {len(p)}, {len(a)}" + ("" if b is None else f", {len(b)}")
+            )
+        seeds += [v.check_int(f"rounds[{r}].seeds[{i}]", x, 0, spec.SEED_MAX) for i, x in enumerate(s)]
+        dirs += [v.check_int(f"rounds[{r}].directions[{i}]", x, 0, spec.DIRECTION_MAX) for i, x in enumerate(p)]
+        coefs += [v.check_f32(f"rounds[{r}].coefficients[{i}]", x) for i, x in enumerate(a)]
+        if b is None:
             curv += [0.0] * len(s)
         else:
-            curv += _seq(f"rounds[{r}].curvature_coefficients", rnd.curvature_coefficients)
+            curv += [v.check_f32(f"rounds[{r}].curvature_coefficients[{i}]", x) for i, x in enumerate(b)]
             any_curv = True
         sizes.append(len(s))
-        wds.append(rnd.weight_decay)
-    if not (len(seeds) == len(dirs) == len(coefs) == len(curv)):
-        raise ValueError("every round needs equally many seeds, directions, coefficients (and curvature coefficients)")
+        wds.append(v.check_f32(f"rounds[{r}].weight_decay", rnd.weight_decay))
     torch.ops.hiso.replay_(
-        _params_arg(params), _hessian_arg(hessian), seeds, dirs, coefs, curv if any_curv else [], sizes, wds, offset,
-        _rule_arg(rule), beta, h_min, _dist_arg(distribution), stochastic_rounding, backend, check_hessian,
+        _params_arg(params), _hessian_arg(hessian), seeds, dirs, coefs, curv if any_curv else [], sizes, wds,
+        _offset_arg(offset), _rule_arg(rule), v.check_f32("beta", beta), v.check_f32("h_min", h_min),
+        _dist_arg(distribution), _flag("stochastic_rounding", stochastic_rounding), backend,
+        _flag("check_hessian", check_hessian),
     )
 
 
@@ -362,5 +388,8 @@ def directions(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Materialise u(seed, direction) for global indices [offset, offset + numel) as fp32 (tests, reference use)."""
-    return torch.ops.hiso.directions(seed, numel, direction, offset, _dist_arg(distribution), torch.device(device),
-                                     backend)
+    seed = v.check_int("seed", seed, 0, spec.SEED_MAX)
+    direction = v.check_int("direction", direction, 0, spec.DIRECTION_MAX)
+    numel = v.check_int("numel", numel, 0, spec.INDEX_LIMIT)
+    return torch.ops.hiso.directions(seed, numel, direction, _offset_arg(offset), _dist_arg(distribution),
+                                     torch.device(device), backend)

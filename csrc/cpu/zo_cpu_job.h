@@ -29,6 +29,7 @@ struct Job {
   void run_job(const Job& job);                                                                               \
   void fill_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, float* out,     \
                        int num_threads);                                                                      \
+  void round_storage(const float* y, void* out, int64_t start, int64_t n, int dtype, int64_t rseed);          \
   }
 
 HISO_DECLARE_ISA(generic)

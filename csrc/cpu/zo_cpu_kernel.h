@@ -226,6 +226,38 @@ void run_job(const Job& job) {
   }
 }
 
+template <class S>
+static void round_storage_typed(const float* y, void* out, int64_t start, int64_t n, int64_t rseed) {
+  using Raw = typename S::Raw;
+  Raw* o = static_cast<Raw*>(out);
+  IeeeDenormals guard;
+  alignas(64) uint32_t bits[kTile];
+  for (int64_t base = -(start & 3); base < n; base += kTile) {
+    const uint64_t g0 = static_cast<uint64_t>(start + base) >> 2;
+    if (rseed >= 0) tile_rounding_bits(static_cast<uint64_t>(rseed), g0, bits);
+    const int lo = static_cast<int>(greater<int64_t>(0, -base));
+    const int hi = static_cast<int>(lesser<int64_t>(kTile, n - base));
+    float value;
+    for (int l = lo; l < hi; ++l) {
+      o[base + l] = rseed >= 0 ? S::round_stochastic(y[base + l], bits[l], value) : S::round_nearest(y[base + l], value);
+    }
+  }
+}
+
+void round_storage(const float* y, void* out, int64_t start, int64_t n, int dtype, int64_t rseed) {
+  switch (dtype) {
+    case kFloat32:
+      round_storage_typed<StoreF32>(y, out, start, n, rseed);
+      break;
+    case kBFloat16:
+      round_storage_typed<StoreBF16>(y, out, start, n, rseed);
+      break;
+    default:
+      round_storage_typed<StoreF16>(y, out, start, n, rseed);
+      break;
+  }
+}
+
 template <int DIST>
 static void fill_directions_dist(uint64_t seed, uint32_t p, int64_t start, int64_t n, float* out, int num_threads) {
   const uint64_t g_first = static_cast<uint64_t>(start) >> 2;

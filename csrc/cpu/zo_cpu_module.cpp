@@ -19,26 +19,30 @@ namespace {
 
 using RunFn = void (*)(const Job&);
 using FillFn = void (*)(uint64_t, uint32_t, int64_t, int64_t, int, float*, int);
+using RoundFn = void (*)(const float*, void*, int64_t, int64_t, int, int64_t);
 
 struct Isa {
   const char* name;
   RunFn run;
   FillFn fill;
+  RoundFn round;
   bool supported;
 };
 
 Isa make_isa(const std::string& name) {
-  if (name == "generic") return {"generic", &generic::run_job, &generic::fill_directions, true};
+  if (name == "generic") return {"generic", &generic::run_job, &generic::fill_directions, &generic::round_storage, true};
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (name == "avx2") return {"avx2", &avx2::run_job, &avx2::fill_directions, __builtin_cpu_supports("avx2") != 0};
+  if (name == "avx2") {
+    return {"avx2", &avx2::run_job, &avx2::fill_directions, &avx2::round_storage, __builtin_cpu_supports("avx2") != 0};
+  }
   if (name == "avx512") {
     const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    return {"avx512", &avx512::run_job, &avx512::fill_directions, ok};
+    return {"avx512", &avx512::run_job, &avx512::fill_directions, &avx512::round_storage, ok};
   }
 #endif
-  return {"", nullptr, nullptr, false};
+  return {"", nullptr, nullptr, nullptr, false};
 }
 
 Isa best_isa() {
@@ -99,6 +103,12 @@ void fill_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int di
   current_isa().fill(seed, p, start, n, distribution, as_ptr<float>(out), num_threads < 1 ? 1 : num_threads);
 }
 
+void round_to_storage(int64_t y, int64_t out, int64_t start, int64_t n, int dtype, int64_t rseed) {
+  if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("unknown dtype code");
+  py::gil_scoped_release release;
+  current_isa().round(as_ptr<const float>(y), as_ptr<void>(out), start, n, dtype, rseed);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace hiso
@@ -108,6 +118,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "hiso CPU kernels (C++, OpenMP, SIMD); internal: use hiso_kernels' public functions.";
   m.def("run", &run, "Apply a zeroth-order program to the tensors of one dtype (raw addresses).");
   m.def("fill_directions", &fill_directions, "Write directions of (seed, p) for global indices [start, start+n).");
+  m.def("round_to_storage", &round_to_storage,
+        "Round fp32 values to a storage dtype as the kernels do (rseed < 0: nearest even; else stochastic with the "
+        "rounding bits of global indices start..start+n-1). For tests.");
   m.def(
       "philox4x32_10",
       [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {

@@ -139,13 +139,14 @@ def _fp16_stochastic_value(y: torch.Tensor, rbits: torch.Tensor) -> torch.Tensor
     b = _f32_to_u32(y)
     mag = b & 0x7FFFFFFF
     normal = _u32_to_f32((b + (rbits & 0x1FFF)) & ~0x1FFF & _M32)
-    q = _u32_to_f32(mag) * 16777216.0
-    qi = q.to(torch.int64).to(torch.float32)
+    small = mag < 0x38800000
+    q = _u32_to_f32(torch.where(small, mag, 0)) * 16777216.0
+    qi = q.to(torch.int32).to(torch.float32)
     frac = q - qi
     uni = (rbits >> 8).to(torch.float32) * spec.TWO_POW_M24
     up = torch.where(uni < frac, qi + 1.0, qi)
     sub = _u32_to_f32(_f32_to_u32(up * spec.TWO_POW_M24) | (b & 0x80000000))
-    out = torch.where(mag >= 0x38800000, normal, sub)
+    out = torch.where(small, sub, normal)
     return torch.where(torch.isfinite(y), out, y)
 
 

@@ -145,13 +145,14 @@ if triton is not None:
         b = y.to(tl.uint32, bitcast=True)
         mag = b & 0x7FFFFFFF
         normal = ((b + (bits & 0x1FFF)) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        q = mag.to(tl.float32, bitcast=True) * 16777216.0
-        qi = q.to(tl.uint32).to(tl.float32)
+        small = mag < 0x38800000
+        q = tl.where(small, mag, 0).to(tl.float32, bitcast=True) * 16777216.0  # in range for the int conversion
+        qi = q.to(tl.int32).to(tl.float32)
         frac = q - qi
         uni = (bits >> 8).to(tl.float32) * _TWO_POW_M24
         up = tl.where(uni < frac, qi + 1.0, qi)
         sub = ((up * _TWO_POW_M24).to(tl.uint32, bitcast=True) | (b & 0x80000000)).to(tl.float32, bitcast=True)
-        out = tl.where(mag >= 0x38800000, normal, sub)
+        out = tl.where(small, sub, normal)
         return tl.where((b & 0x7F800000) != 0x7F800000, out, y)
 
     @triton.jit
@@ -300,13 +301,17 @@ class TritonBackend(Backend):
             return device.type == "cpu"
         return device.type == "cuda"
 
-    def _block_groups(self) -> int:
-        return self.INTERPRETER_BLOCK_GROUPS if interpreter_enabled() else self.GPU_BLOCK_GROUPS
+    def _block_groups(self, max_elements: int) -> int:
+        if not interpreter_enabled():
+            return self.GPU_BLOCK_GROUPS
+        # the interpreter pays per element of the block, masked or not: fit the block to the largest tensor
+        groups = (max_elements + 3) // 4 + 1
+        return min(self.INTERPRETER_BLOCK_GROUPS, max(16, 1 << (groups - 1).bit_length()))
 
     def apply(self, params, hessian, offsets, program: Program) -> None:
         device = params[0].device
         prog = program.to(device)
-        block = self._block_groups()
+        block = self._block_groups(max(p.numel() for p in params))
         for p, h, o in group_by_dtype(params, hessian, offsets).values():
             plan = self._plans.get(p, h, o, block, device)
             _zo_program_kernel[(plan.n_chunks,)](
@@ -336,7 +341,7 @@ class TritonBackend(Backend):
         out = torch.empty(numel, dtype=torch.float32, device=device)
         if numel == 0:
             return out
-        block = self._block_groups()
+        block = self._block_groups(numel)
         n_groups = ((offset + numel + 3) >> 2) - (offset >> 2)
         grid = (triton.cdiv(n_groups, block),)
         _directions_kernel[grid](

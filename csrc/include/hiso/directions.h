@@ -83,7 +83,11 @@ struct Philox4 {
 };
 
 HISO_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
+#endif
   for (int r = 0; r < 10; ++r) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
     const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
@@ -116,13 +120,14 @@ HISO_HD Philox4 rounding_words(uint64_t rseed, uint64_t g) {
 //   R = sqrt(-2 ln u),  u = (2 (ra >> 9) + 1) 2^-24 in (0, 1)   (exact; |z| <= 5.77)
 //   theta = q pi/2 + a, q = rb >> 30, a = (f - 1/2) pi/2, f = (2 ((rb & 0x3FFFFFFF) >> 7) + 1) 2^-24
 // ln, sin and cos are short polynomials evaluated in a fixed order (relative error below 1e-7).
+// Branch-free formulation (integer selects instead of conditionals) so that SSE / AVX2 code vectorises too; each
+// select below is exactly the operation the spec names (halving m is an exponent decrement, negation a sign flip).
 HISO_HD float portable_log_unit(float u) {
   const uint32_t bits = float_to_bits(u);
-  int e = static_cast<int>(bits >> 23) - 127;
-  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);  // mantissa in [1, 2)
-  const bool big = m > kSqrt2;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
+  const uint32_t mant = bits & 0x007FFFFFu;
+  const uint32_t big = mant > 0x003504F3u ? 1u : 0u;  // m > sqrt(2) (0x3FB504F3), m in [1, 2)
+  const float m = bits_to_float(mant | (0x3F800000u - (big << 23)));  // m, or m / 2 when big
+  const int e = static_cast<int>(bits >> 23) - 127 + static_cast<int>(big);
   const float t = HISO_DIV(m - 1.0f, m + 1.0f);
   const float w = t * t;
   const float lnm = t * (2.0f + w * (kLogC1 + w * (kLogC2 + w * (kLogC3 + w * kLogC4))));
@@ -130,22 +135,27 @@ HISO_HD float portable_log_unit(float u) {
 }
 
 HISO_HD void gaussian_pair(uint32_t ra, uint32_t rb, float& z0, float& z1) {
-  const float u = static_cast<float>(((ra >> 9) << 1) | 1u) * kTwoPowM24;
+  // Integer-to-float conversions go through int32 (the values are below 2^24, so exact either way): SSE and AVX2
+  // have no unsigned conversion, and compilers will not vectorise one.
+  const float u = static_cast<float>(static_cast<int32_t>(((ra >> 9) << 1) | 1u)) * kTwoPowM24;
   const float radius = HISO_SQRT(portable_log_unit(u) * -2.0f);
   const uint32_t q = rb >> 30;
-  const float f = static_cast<float>((((rb & 0x3FFFFFFFu) >> 7) << 1) | 1u) * kTwoPowM24;
+  const float f = static_cast<float>(static_cast<int32_t>((((rb & 0x3FFFFFFFu) >> 7) << 1) | 1u)) * kTwoPowM24;
   const float a = (f - 0.5f) * kHalfPi;
   const float a2 = a * a;
   const float sa = a * (1.0f + a2 * (kSinC1 + a2 * (kSinC2 + a2 * (kSinC3 + a2 * kSinC4))));
   const float ca = 1.0f + a2 * (kCosC1 + a2 * (kCosC2 + a2 * (kCosC3 + a2 * kCosC4)));
-  // rotate (ca, sa) by q quarter turns
-  const float c = (q == 0) ? ca : (q == 1) ? -sa : (q == 2) ? -ca : sa;
-  const float s = (q == 0) ? sa : (q == 1) ? ca : (q == 2) ? -sa : -ca;
-  z0 = radius * c;
-  z1 = radius * s;
+  // rotate (ca, sa) by q quarter turns: q = 0 (ca, sa), 1 (-sa, ca), 2 (-ca, -sa), 3 (sa, -ca)
+  const uint32_t swap = 0u - (q & 1u);  // all ones for odd q
+  const uint32_t ca_bits = float_to_bits(ca);
+  const uint32_t sa_bits = float_to_bits(sa);
+  const uint32_t c_bits = ((sa_bits & swap) | (ca_bits & ~swap)) ^ ((((q + 1u) >> 1) & 1u) << 31);
+  const uint32_t s_bits = ((ca_bits & swap) | (sa_bits & ~swap)) ^ ((q >> 1) << 31);
+  z0 = radius * bits_to_float(c_bits);
+  z1 = radius * bits_to_float(s_bits);
 }
 
-HISO_HD float rademacher(uint32_t r) { return (r >> 31) ? -1.0f : 1.0f; }
+HISO_HD float rademacher(uint32_t r) { return bits_to_float(0x3F800000u | (r & 0x80000000u)); }
 
 // The direction values of the four elements of one group.
 template <int DIST>
@@ -162,6 +172,9 @@ HISO_HD void group_directions(const Philox4& w, float z[4]) {
 }
 
 // ---------------------------------------------------------------- storage conversions
+// c ? a : b as bit arithmetic. Compilers if-convert a plain ternary only up to a point; masks always vectorise.
+HISO_HD uint32_t select_u32(bool c, uint32_t a, uint32_t b) { return b ^ ((a ^ b) & (0u - static_cast<uint32_t>(c))); }
+
 HISO_HD bool is_finite_bits(uint32_t b) { return (b & 0x7F800000u) != 0x7F800000u; }
 
 HISO_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
@@ -169,15 +182,15 @@ HISO_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint3
 // Round to nearest even; NaN -> 0x7FC0 (the canonical quiet NaN, as torch's conversion).
 HISO_HD uint16_t float_to_bf16_nearest(float y) {
   const uint32_t b = float_to_bits(y);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
-  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(select_u32((b & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC0u, rounded));
 }
 
 // Stochastic rounding: add 16 random bits below the kept mantissa, truncate. Unbiased: E[result] = y.
 HISO_HD uint16_t float_to_bf16_stochastic(float y, uint32_t r) {
   const uint32_t b = float_to_bits(y);
-  if (!is_finite_bits(b)) return float_to_bf16_nearest(y);
-  return static_cast<uint16_t>((b + (r & 0xFFFFu)) >> 16);
+  const uint32_t up = (b + (r & 0xFFFFu)) >> 16;
+  return static_cast<uint16_t>(select_u32(is_finite_bits(b), up, float_to_bf16_nearest(y)));
 }
 
 // IEEE half -> float, exact, with integer operations only (independent of denormal flushing).
@@ -185,41 +198,25 @@ HISO_HD float fp16_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7FFFu;
   const uint32_t exp = em >> 10;
-  float mag;
-  if (exp == 0) {
-    mag = static_cast<float>(em) * kTwoPowM24;  // zero or subnormal: m 2^-24, exact
-  } else if (exp == 31) {
-    mag = bits_to_float((em << 13) | 0x7F800000u);  // inf / nan
-  } else {
-    mag = bits_to_float((em << 13) + (112u << 23));  // rebias exponent 15 -> 127
-  }
-  return bits_to_float(float_to_bits(mag) | sign);
+  const uint32_t sub = float_to_bits(static_cast<float>(static_cast<int32_t>(em)) * kTwoPowM24);  // m 2^-24
+  const uint32_t special = (em << 13) | 0x7F800000u;                                            // inf / nan
+  const uint32_t normal = (em << 13) + (112u << 23);                                            // rebias 15 -> 127
+  return bits_to_float(select_u32(exp == 0u, sub, select_u32(exp == 31u, special, normal)) | sign);
 }
 
-// float -> IEEE half, round to nearest even (integer formulation; NaN -> 0x7E00 with the sign kept).
+// float -> IEEE half, round to nearest even (NaN -> 0x7E00 with the sign kept). Every path is computed and one is
+// selected, so the conversion vectorises (no variable shifts: SSE has none).
 HISO_HD uint16_t float_to_fp16_nearest(float y) {
-  uint32_t b = float_to_bits(y);
-  const uint32_t sign = (b >> 16) & 0x8000u;
-  b &= 0x7FFFFFFFu;
-  uint32_t o;
-  if (b >= 0x47800000u) {  // >= 65536 or inf / nan
-    o = (b > 0x7F800000u) ? 0x7E00u : 0x7C00u;
-  } else if (b < 0x38800000u) {  // below 2^-14: subnormal half or zero
-    const uint32_t exp = b >> 23;
-    if (exp < 102) {  // below 2^-25: rounds to zero (2^-25 itself is a tie to even zero)
-      o = 0;
-    } else {
-      const uint32_t mant = (b & 0x007FFFFFu) | 0x00800000u;  // 24-bit significand
-      const uint32_t shift = 126u - exp;                       // result = mant >> shift, in units of 2^-24
-      const uint32_t kept = mant >> shift;
-      const uint32_t rest = mant & ((1u << shift) - 1u);
-      const uint32_t half = 1u << (shift - 1);
-      o = kept + ((rest > half || (rest == half && (kept & 1u))) ? 1u : 0u);
-    }
-  } else {
-    // normal half (overflow to inf handled by the carry: 0x7BFF + 1 = 0x7C00)
-    o = ((b - (112u << 23)) + 0x0FFFu + ((b >> 13) & 1u)) >> 13;
-  }
+  const uint32_t b0 = float_to_bits(y);
+  const uint32_t sign = (b0 >> 16) & 0x8000u;
+  const uint32_t b = b0 & 0x7FFFFFFFu;
+  // normal half; the carry of a round-up past 65504 gives 0x7C00 = inf
+  const uint32_t normal = ((b - (112u << 23)) + 0x0FFFu + ((b >> 13) & 1u)) >> 13;
+  // subnormal half (|y| < 2^-14): |y| 2^24 < 1024 is exact, and adding 2^23 rounds it to an integer, ties to even
+  const float scaled = bits_to_float(b) * 16777216.0f;
+  const uint32_t sub = float_to_bits(scaled + 8388608.0f) - 0x4B000000u;
+  const uint32_t special = select_u32(b > 0x7F800000u, 0x7E00u, 0x7C00u);  // >= 65536, inf, nan
+  const uint32_t o = select_u32(b >= 0x47800000u, special, select_u32(b < 0x38800000u, sub, normal));
   return static_cast<uint16_t>(o | sign);
 }
 
@@ -228,15 +225,16 @@ HISO_HD uint16_t float_to_fp16_nearest(float y) {
 // truncate. Subnormal range (|y| < 2^-14, spacing 2^-24): round |y| 2^24 up with probability equal to its fraction.
 HISO_HD float fp16_stochastic_value(float y, uint32_t r) {
   const uint32_t b = float_to_bits(y);
-  if (!is_finite_bits(b)) return y;
   const uint32_t mag = b & 0x7FFFFFFFu;
-  if (mag >= 0x38800000u) return bits_to_float((b + (r & 0x1FFFu)) & ~0x1FFFu);
-  const float q = bits_to_float(mag) * 16777216.0f;  // |y| 2^24 < 1024, exact
-  const float qi = static_cast<float>(static_cast<uint32_t>(q));
-  const float frac = q - qi;                                        // exact
-  const float uni = static_cast<float>(r >> 8) * kTwoPowM24;       // [0, 1), exact
-  const float up = (uni < frac) ? (qi + 1.0f) : qi;
-  return bits_to_float(float_to_bits(up * kTwoPowM24) | (b & 0x80000000u));
+  const bool small = mag < 0x38800000u;
+  const float normal = bits_to_float((b + (r & 0x1FFFu)) & ~0x1FFFu);
+  const float q = bits_to_float(select_u32(small, mag, 0u)) * 16777216.0f;  // |y| 2^24 < 1024, exact
+  const float qi = static_cast<float>(static_cast<int32_t>(q));
+  const float frac = q - qi;                                                     // exact
+  const float uni = static_cast<float>(static_cast<int32_t>(r >> 8)) * kTwoPowM24;  // [0, 1), exact
+  const float up = qi + bits_to_float(select_u32(uni < frac, 0x3F800000u, 0u));  // qi + 1 or qi + 0, exact
+  const uint32_t sub = float_to_bits(up * kTwoPowM24) | (b & 0x80000000u);
+  return bits_to_float(select_u32(is_finite_bits(b), select_u32(small, sub, float_to_bits(normal)), b));
 }
 
 }  // namespace hiso
