@@ -188,3 +188,15 @@ def test_cpu_instruction_sets_agree():
     for isa, out in outs.items():
         for a, b in zip(out, first):
             assert_bitwise_equal(a, b, isa)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_generator_only_kernel_sums_the_directions(backend):
+    """The benchmark's generator-only kernel really generates the range it is asked for."""
+    from hiso_kernels.backends import BACKENDS
+
+    for dist in ("gaussian", "rademacher"):
+        want = sum(hk.directions(5, 10007, direction=p, offset=7, distribution=dist).double().sum().item()
+                   for p in range(3))
+        got = BACKENDS[backend].directions_sum(5, 3, 7, 10007, hk.Distribution.parse(dist), torch.device("cpu"))
+        assert abs(got.double().sum().item() - want) < 1e-2

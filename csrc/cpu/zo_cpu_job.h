@@ -30,6 +30,7 @@ struct Job {
   void fill_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, float* out,     \
                        int num_threads);                                                                      \
   void round_storage(const float* y, void* out, int64_t start, int64_t n, int dtype, int64_t rseed);          \
+  double directions_sum(uint64_t seed, int n_dirs, int64_t start, int64_t n, int distribution, int num_threads); \
   }
 
 HISO_DECLARE_ISA(generic)

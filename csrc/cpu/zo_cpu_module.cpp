@@ -20,29 +20,34 @@ namespace {
 using RunFn = void (*)(const Job&);
 using FillFn = void (*)(uint64_t, uint32_t, int64_t, int64_t, int, float*, int);
 using RoundFn = void (*)(const float*, void*, int64_t, int64_t, int, int64_t);
+using SumFn = double (*)(uint64_t, int, int64_t, int64_t, int, int);
 
 struct Isa {
   const char* name;
   RunFn run;
   FillFn fill;
   RoundFn round;
+  SumFn sum;
   bool supported;
 };
 
 Isa make_isa(const std::string& name) {
-  if (name == "generic") return {"generic", &generic::run_job, &generic::fill_directions, &generic::round_storage, true};
+  if (name == "generic") return {"generic", &generic::run_job, &generic::fill_directions, &generic::round_storage,
+                               &generic::directions_sum, true};
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (name == "avx2") {
-    return {"avx2", &avx2::run_job, &avx2::fill_directions, &avx2::round_storage, __builtin_cpu_supports("avx2") != 0};
+    return {"avx2", &avx2::run_job, &avx2::fill_directions, &avx2::round_storage, &avx2::directions_sum,
+            __builtin_cpu_supports("avx2") != 0};
   }
   if (name == "avx512") {
     const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    return {"avx512", &avx512::run_job, &avx512::fill_directions, &avx512::round_storage, ok};
+    return {"avx512", &avx512::run_job, &avx512::fill_directions, &avx512::round_storage, &avx512::directions_sum,
+            ok};
   }
 #endif
-  return {"", nullptr, nullptr, nullptr, false};
+  return {"", nullptr, nullptr, nullptr, nullptr, false};
 }
 
 Isa best_isa() {
@@ -118,6 +123,13 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "hiso CPU kernels (C++, OpenMP, SIMD); internal: use hiso_kernels' public functions.";
   m.def("run", &run, "Apply a zeroth-order program to the tensors of one dtype (raw addresses).");
   m.def("fill_directions", &fill_directions, "Write directions of (seed, p) for global indices [start, start+n).");
+  m.def(
+      "directions_sum",
+      [](uint64_t seed, int n_dirs, int64_t start, int64_t n, int distribution, int num_threads) {
+        py::gil_scoped_release release;
+        return current_isa().sum(seed, n_dirs, start, n, distribution, num_threads < 1 ? 1 : num_threads);
+      },
+      "Generator-only benchmark kernel: sum of n_dirs directions over [start, start+n).");
   m.def("round_to_storage", &round_to_storage,
         "Round fp32 values to a storage dtype as the kernels do (rseed < 0: nearest even; else stochastic with the "
         "rounding bits of global indices start..start+n-1). For tests.");

@@ -46,6 +46,13 @@ class Backend(abc.ABC):
     ) -> torch.Tensor:
         """fp32 direction values for global indices [offset, offset + numel)."""
 
+    def directions_sum(
+        self, seed: int, n_dirs: int, offset: int, numel: int, distribution: Distribution, device: torch.device
+    ) -> torch.Tensor:
+        """Generator-only benchmark kernel: partial sums (any shape) whose total is the sum of u(seed, p, j) over
+        p < n_dirs and the index range. Its time is the generator term of a fused kernel's roofline."""
+        raise NotImplementedError
+
 
 class LaunchPlan:
     """Tensor slots and chunk table for one dtype group: the multi-tensor form the fused kernels consume.
@@ -126,12 +133,13 @@ def group_by_dtype(params, hessian, offsets):
 def load_native(name: str, hint: str):
     """Import a compiled module of the package, or return (None, a reason a user can act on)."""
     import importlib
-    import importlib.util
 
     full = f"hiso_kernels.{name}"
-    if importlib.util.find_spec(full) is None:
-        return None, f"hiso_kernels.{name} is not built ({hint})"
     try:
         return importlib.import_module(full), None
+    except ModuleNotFoundError as exc:
+        if exc.name == full:
+            return None, f"{full} is not built ({hint})"
+        return None, f"{full} failed to load: {exc}"
     except ImportError as exc:  # built but unloadable (missing shared library, ABI mismatch, ...)
-        return None, f"hiso_kernels.{name} is built but failed to load: {exc}"
+        return None, f"{full} failed to load: {exc}"

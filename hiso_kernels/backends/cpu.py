@@ -63,3 +63,8 @@ class CpuBackend(Backend):
             _native.fill_directions(seed, direction, offset, numel, int(distribution), out.data_ptr(),
                                  torch.get_num_threads())
         return out
+
+    def directions_sum(self, seed, n_dirs, offset, numel, distribution: Distribution, device) -> torch.Tensor:
+        """Generator-only benchmark kernel: the sum of n_dirs directions (as a one-element tensor)."""
+        total = _native.directions_sum(seed, n_dirs, offset, numel, int(distribution), torch.get_num_threads())
+        return torch.tensor([total])

@@ -208,3 +208,8 @@ class TorchBackend(Backend):
 
     def directions(self, seed, direction, offset, numel, distribution, device) -> torch.Tensor:
         return directions_tensor(seed, direction, offset, numel, distribution, device)
+
+    def directions_sum(self, seed, n_dirs, offset, numel, distribution, device) -> torch.Tensor:
+        """The generator-only benchmark quantity, materialising each direction."""
+        return torch.stack([directions_tensor(seed, p, offset, numel, distribution, device).double().sum()
+                            for p in range(n_dirs)]).sum().reshape(1)

@@ -275,6 +275,22 @@ if triton is not None:
         tl.store(out_ptr + local, u, mask=(local >= 0) & (local < n))
 
 
+    @triton.jit
+    def _directions_sum_kernel(partial_ptr, seed, n_dirs, start, n, BLOCK_GROUPS: tl.constexpr, DIST: tl.constexpr):
+        """Generator-only benchmark kernel: per-program sum of n_dirs directions."""
+        pid = tl.program_id(0).to(tl.int64)
+        start = start.to(tl.int64)
+        g0 = (start >> 2) + pid * BLOCK_GROUPS
+        g = g0 + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
+        local = 4 * g0 - start + tl.arange(0, 4 * BLOCK_GROUPS).to(tl.int64)
+        valid = (local >= 0) & (local < n)
+        acc = tl.zeros([4 * BLOCK_GROUPS], tl.float32)
+        for p in range(n_dirs):
+            pu = tl.full([], 0, tl.uint32) + p  # a Python int under the interpreter, a tensor when compiled
+            acc += tl.where(valid, _directions(seed, pu, g, DIST), 0.0)
+        tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
 class TritonBackend(Backend):
     name = "triton"
     description = "Triton kernels (GPU; CPU tensors under TRITON_INTERPRET=1)"
@@ -336,6 +352,18 @@ class TritonBackend(Backend):
                 num_warps=4,
                 enable_fp_fusion=False,
             )
+
+    def directions_sum(self, seed, n_dirs, offset, numel, distribution: Distribution, device) -> torch.Tensor:
+        """Generator-only benchmark kernel: per-program partial sums of n_dirs directions."""
+        block = self._block_groups(numel)
+        n_groups = ((offset + numel + 3) >> 2) - (offset >> 2)
+        grid = (triton.cdiv(n_groups, block),)
+        partial = torch.empty(grid[0], dtype=torch.float32, device=device)
+        _directions_sum_kernel[grid](
+            partial, seed, n_dirs, offset, numel, BLOCK_GROUPS=block, DIST=int(distribution), num_warps=4,
+            enable_fp_fusion=False,
+        )
+        return partial
 
     def directions(self, seed, direction, offset, numel, distribution: Distribution, device) -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32, device=device)

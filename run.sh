@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine.
+#   ./run.sh            set up .venv (idempotent), build the kernels, run the main job (offline default)
+#   ./run.sh test       set up, then run the test suite (what CI runs)
+#   ./run.sh setup      set up only
+#   ./run.sh bench      set up, then run the CPU benchmark suite and write benchmarks/results/
+# Environment: PYTHON (interpreter for the venv, default python3), TORCH_SPEC (default torch==2.13.0; on a GPU box
+# use the CUDA build you want, e.g. TORCH_SPEC=torch), HISO_VENV (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${HISO_VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+STAMP="$VENV/.hiso-setup"
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+  fi
+  local py="$VENV/bin/python"
+  # Re-install only when the dependency list or the native sources changed.
+  local want
+  want=$( (echo "$TORCH_SPEC"; cat pyproject.toml setup.py; find csrc -type f | sort | xargs cat) | sha256sum | cut -c1-16)
+  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$py" -c "import hiso_kernels" 2>/dev/null; then
+    return
+  fi
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q "$TORCH_SPEC"
+  "$py" -m pip install -q "setuptools>=68" wheel "pybind11>=2.12" numpy "triton>=3.0" "pytest>=8" \
+    "pytest-benchmark>=4" "scipy>=1.10"
+  # --no-build-isolation: the build sees the installed torch (and pybind11) instead of fetching its own copies
+  HISO_REQUIRE_NATIVE=${HISO_REQUIRE_NATIVE:-1} "$py" -m pip install -q --no-build-isolation --no-deps -e .
+  echo "$want" > "$STAMP"
+  "$py" -m hiso_kernels.info
+}
+
+cmd=${1:-main}
+case "$cmd" in
+  setup)
+    setup
+    ;;
+  test)
+    setup
+    shift || true
+    exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  bench)
+    setup
+    shift || true
+    exec "$VENV/bin/python" benchmarks/run_cpu.py "$@"
+    ;;
+  main)
+    setup
+    exec "$VENV/bin/python" -m hiso_kernels.selfcheck
+    ;;
+  *)
+    echo "usage: $0 [main|test|setup|bench]" >&2
+    exit 2
+    ;;
+esac
