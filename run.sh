@@ -27,7 +27,7 @@ setup() {
   fi
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q "$TORCH_SPEC"
-  "$py" -m pip install -q "setuptools>=68" wheel "pybind11>=2.12" numpy "triton>=3.0" "pytest>=8" \
+  "$py" -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" numpy "triton>=3.0" "pytest>=8" \
     "pytest-benchmark>=4" "scipy>=1.10"
   # --no-build-isolation: the build sees the installed torch (and pybind11) instead of fetching its own copies
   HISO_REQUIRE_NATIVE=${HISO_REQUIRE_NATIVE:-1} "$py" -m pip install -q --no-build-isolation --no-deps -e .

@@ -150,13 +150,19 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def rounding_seed(*words: int) -> int:
-    """Deterministic 63-bit stochastic-rounding seed from integers (seeds, direction indices, fp32 bit patterns).
-
-    Deriving it from the operation's own arguments keeps stochastic rounding replayable: the same round replayed
-    later draws the same rounding bits.
-    """
+def derive_seed(*words: int) -> int:
+    """A deterministic 63-bit seed from integers, by chained SplitMix64 (used for per-step seeds of an optimizer and
+    for stochastic-rounding seeds)."""
     h = 0x6869736F  # "hiso"
     for w in words:
         h = splitmix64(h ^ (int(w) & ((1 << 64) - 1)))
     return h & SEED_MAX
+
+
+def rounding_seed(*words: int) -> int:
+    """Stochastic-rounding seed of a round, from its own content (seeds, direction indices, fp32 bit patterns).
+
+    Deriving it from the round's arguments keeps stochastic rounding replayable: the same round replayed later draws
+    the same rounding bits.
+    """
+    return derive_seed(*words)

@@ -1,0 +1,83 @@
+"""Exact restore of perturbed parameters with a sparse undo log.
+
+Floating-point perturb / restore is not an identity: y = fl(x + d) then fl(y - d) differs from x wherever x + d lands
+in a higher binade (or is much larger than x); in fp32 that is a few percent of the elements per cycle. Replaying a
+history of (seed, scalars) on another replica gives the same bits as the trainer only if the trainer's own
+parameters come back exactly. Keeping a copy of the parameters would double their memory.
+
+Instead, :func:`perturb_with_undo` applies the perturbation chunk by chunk and, for each chunk, simulates the restore
+sequence that will follow (with the same fused kernel, so the simulation is bit-exact) on a scratch copy; the elements
+that would not come back are recorded as (index, original value). After the real restore, :meth:`UndoLog.apply`
+writes those values back. Transient memory: two chunks; persistent: the mismatching elements only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+#: elements per chunk (1 Mi: 4 MiB scratch per buffer in fp32)
+DEFAULT_CHUNK = 1 << 20
+
+# op(tensors, hessian_views or None, offset) applies a kernel to the given contiguous views at that global offset
+ChunkOp = Callable[[list, "list | None", int], None]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@dataclasses.dataclass
+class UndoLog:
+    """Per parameter: flat indices (int32 within their chunk + chunk start) and the original values."""
+
+    entries: list = dataclasses.field(default_factory=list)  # (param index, chunk start, local idx int32, values)
+
+    @property
+    def numel(self) -> int:
+        return sum(int(e[2].numel()) for e in self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(e[2].numel()) * (4 + e[3].element_size()) for e in self.entries)
+
+    def apply(self, params: Sequence[torch.Tensor]) -> None:
+        """Write the recorded original values back (after the real restore ran)."""
+        for i, start, idx, values in self.entries:
+            params[i].detach().view(-1).index_copy_(0, idx.long() + start, values)
+
+
+def perturb_with_undo(
+    params: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    hessian: Sequence[torch.Tensor] | None,
+    forward: ChunkOp,
+    restore_sequence: Sequence[ChunkOp],
+    chunk: int = DEFAULT_CHUNK,
+) -> UndoLog:
+    """Apply ``forward`` to every parameter and record what ``restore_sequence`` would fail to bring back.
+
+    ``forward`` and each restore op are called on contiguous flat views with their global offset, which the kernels
+    treat exactly like the whole tensor (directions depend only on the global index).
+    """
+    log = UndoLog()
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            flat = p.detach().view(-1)
+            h_flat = None if hessian is None else hessian[i].view(-1)
+            n = flat.numel()
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                view = flat[start:stop]
+                h_view = None if h_flat is None else [h_flat[start:stop]]
+                saved = view.clone()
+                forward([view], h_view, offsets[i] + start)
+                sim = view.clone()
+                for op in restore_sequence:
+                    op([sim], h_view, offsets[i] + start)
+                bad = (_bits(sim) != _bits(saved)).nonzero().view(-1)
+                if bad.numel():
+                    log.entries.append((i, start, bad.to(torch.int32), saved.index_select(0, bad)))
+    return log
