@@ -49,6 +49,24 @@ class UndoLog:
             params[i].detach().view(-1).index_copy_(0, idx.long() + start, values)
 
 
+def _chunk_groups(params: Sequence[torch.Tensor], chunk: int):
+    """Split the parameters' global index range into runs of about ``chunk`` elements: (param, start, stop) pieces,
+    consecutive in global index, so that one kernel call covers many small tensors or a slice of a large one."""
+    group, size = [], 0
+    for i, p in enumerate(params):
+        n, start = p.numel(), 0
+        while start < n:
+            take = min(n - start, chunk - size)
+            group.append((i, start, start + take))
+            size += take
+            start += take
+            if size >= chunk:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
+
+
 def perturb_with_undo(
     params: Sequence[torch.Tensor],
     offsets: Sequence[int],
@@ -59,25 +77,25 @@ def perturb_with_undo(
 ) -> UndoLog:
     """Apply ``forward`` to every parameter and record what ``restore_sequence`` would fail to bring back.
 
-    ``forward`` and each restore op are called on contiguous flat views with their global offset, which the kernels
-    treat exactly like the whole tensor (directions depend only on the global index).
+    ``forward`` and each restore op are called on lists of contiguous flat views that are consecutive in global
+    index, with the global offset of the first; the kernels treat them exactly like the whole tensors (directions
+    depend only on the global index).
     """
     log = UndoLog()
+    flats = [p.detach().view(-1) for p in params]
+    h_flats = None if hessian is None else [h.view(-1) for h in hessian]
     with torch.no_grad():
-        for i, p in enumerate(params):
-            flat = p.detach().view(-1)
-            h_flat = None if hessian is None else hessian[i].view(-1)
-            n = flat.numel()
-            for start in range(0, n, chunk):
-                stop = min(n, start + chunk)
-                view = flat[start:stop]
-                h_view = None if h_flat is None else [h_flat[start:stop]]
-                saved = view.clone()
-                forward([view], h_view, offsets[i] + start)
-                sim = view.clone()
-                for op in restore_sequence:
-                    op([sim], h_view, offsets[i] + start)
-                bad = (_bits(sim) != _bits(saved)).nonzero().view(-1)
+        for group in _chunk_groups(params, chunk):
+            views = [flats[i][a:b] for i, a, b in group]
+            h_views = None if h_flats is None else [h_flats[i][a:b] for i, a, b in group]
+            offset = offsets[group[0][0]] + group[0][1]
+            saved = [v.clone() for v in views]
+            forward(views, h_views, offset)
+            sim = [v.clone() for v in views]
+            for op in restore_sequence:
+                op(sim, h_views, offset)
+            for (i, a, _), s_view, o_view in zip(group, sim, saved):
+                bad = (_bits(s_view) != _bits(o_view)).nonzero().view(-1)
                 if bad.numel():
-                    log.entries.append((i, start, bad.to(torch.int32), saved.index_select(0, bad)))
+                    log.entries.append((i, a, bad.to(torch.int32), o_view.index_select(0, bad)))
     return log

@@ -163,62 +163,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.difference == "forward"
 
     def _estimate(self, closure, params, hessian, seed):
-        """Evaluate the losses around x for each direction and bring x back.
-
-        The central chain is +mu, eval, (-mu, -mu), eval, +mu: the middle two perturbations run as two rounds of one
-        fused pass, so it costs three passes like MeZO's +mu, -2mu, +mu, but every perturbation is undone by its own
-        opposite. That matters: in fp32 the chain +mu, -2mu, +mu leaves about half of the elements one ulp off,
-        the paired chain a few percent (benchmarks/restore_drift.py). With exact restore those few are written back
-        from a sparse undo log, and the parameters return to their exact bits.
-        """
-        mu, n_dirs = self.mu, self.num_directions
-        kw = dict(distribution=self.distribution, stochastic_rounding=self.stochastic_rounding,
-                  backend=self.backend, check_hessian=False)
-        exact = self._use_exact_restore(params)
-        offsets = _offsets(params)
-
-        def shift(tensors, h, offset, p, alphas):
-            """Perturb by each alpha in turn (one fused pass: one round per alpha)."""
-            rounds = [hk.Round([seed], [p], [-a]) for a in alphas]
-            hk.replay_(tensors, rounds, hessian=h, rule="none", offset=offset, **kw)
-
-        def op(p, alphas):
-            return lambda views, h_views, offset: shift(views, h_views, offset, p, alphas)
-
-        central = self.difference == "central"
-        f0 = _evaluate(closure) if self._needs_f0() else None
-        scalars, curvature, losses = [], [], []
-        self.last_undo_elements = 0
-        for p in range(n_dirs):
-            # the passes after the first one, in order; each is a list of perturbation sizes fused into one pass
-            passes = [[-mu, -mu], [mu]] if central else [[-mu]]
-            log: UndoLog | None = None
-            if exact:
-                log = perturb_with_undo(params, offsets, hessian, op(p, [mu]), [op(p, a) for a in passes],
-                                        self.restore_chunk)
-                self.last_undo_elements += log.numel
-            else:
-                shift(params, hessian, 0, p, [mu])
-            try:
-                f_plus = _evaluate(closure)
-                if central:
-                    shift(params, hessian, 0, p, passes.pop(0))
-                    f_minus = _evaluate(closure)
-            finally:  # also on a failing closure: the parameters go back exactly (with exact restore)
-                for alphas in passes:
-                    shift(params, hessian, 0, p, alphas)
-                if log is not None:
-                    log.apply(params)
-            if central:
-                scalars.append((f_plus - f_minus) / (2 * mu))
-                if f0 is not None:
-                    curvature.append((f_plus + f_minus - 2 * f0) / (2 * mu * mu))
-                losses.append(0.5 * (f_plus + f_minus))
-            else:
-                scalars.append((f_plus - f0) / mu)
-                losses.append(f_plus)
-        loss = f0 if f0 is not None else sum(losses) / len(losses)
-        return scalars, (curvature if curvature else None), loss
+        est = estimate_scalars(
+            closure, params, hessian, seed, mu=self.mu, num_directions=self.num_directions,
+            difference=self.difference, with_f0=self._needs_f0(), distribution=self.distribution,
+            stochastic_rounding=self.stochastic_rounding, backend=self.backend,
+            exact_restore=self._use_exact_restore(params), restore_chunk=self.restore_chunk,
+        )
+        self.last_undo_elements = est.undo_elements
+        return est.scalars, est.curvature, est.loss
 
     # ------------------------------------------------------------------ the update
     def _coefficients(self, record: ZOStep, group: int) -> tuple[list[float], list[float] | None, float]:
@@ -337,6 +289,87 @@ class HiSo(ZOOptimizer):
         sd = super().state_dict()
         sd["zo"].update(beta=self.beta, h_min=self.h_min, curvature=self.curvature)
         return sd
+
+
+@dataclasses.dataclass
+class Estimate:
+    """Directional scalars of one step: c_p, second differences (or None), the loss, undo-log size."""
+
+    scalars: list[float]
+    curvature: list[float] | None
+    loss: float
+    undo_elements: int
+
+
+def estimate_scalars(
+    closure: Closure,
+    params: Sequence[torch.Tensor],
+    hessian: Sequence[torch.Tensor] | None,
+    seed: int,
+    *,
+    mu: float,
+    num_directions: int,
+    difference: str = "central",
+    with_f0: bool = False,
+    distribution: str = "gaussian",
+    stochastic_rounding: bool = False,
+    backend: str | None = None,
+    exact_restore: bool = True,
+    restore_chunk: int = DEFAULT_CHUNK,
+) -> Estimate:
+    """Evaluate the losses around x for each direction z_p = u(seed, p) / sqrt(H) and bring x back.
+
+    The central chain is +mu, eval, (-mu, -mu), eval, +mu: the middle two perturbations run as two rounds of one
+    fused pass, so it costs three passes like MeZO's +mu, -2mu, +mu, but every perturbation is undone by its own
+    opposite. That matters: in fp32 the chain +mu, -2mu, +mu leaves about half of the elements one ulp off,
+    the paired chain a few percent (benchmarks/restore_drift.py). With exact restore those few are written back
+    from a sparse undo log, and the parameters return to their exact bits, also when the closure fails.
+    """
+    kw = dict(distribution=distribution, stochastic_rounding=stochastic_rounding, backend=backend,
+              check_hessian=False)
+    offsets = _offsets(params)
+
+    def shift(tensors, h, offset, p, alphas):
+        """Perturb by each alpha in turn (one fused pass: one round per alpha)."""
+        rounds = [hk.Round([seed], [p], [-a]) for a in alphas]
+        hk.replay_(tensors, rounds, hessian=h, rule="none", offset=offset, **kw)
+
+    def op(p, alphas):
+        return lambda views, h_views, offset: shift(views, h_views, offset, p, alphas)
+
+    central = difference == "central"
+    f0 = _evaluate(closure) if (with_f0 or not central) else None
+    scalars, curvature, losses = [], [], []
+    undo = 0
+    for p in range(num_directions):
+        # the passes after the first one, in order; each is a list of perturbation sizes fused into one pass
+        passes = [[-mu, -mu], [mu]] if central else [[-mu]]
+        log: UndoLog | None = None
+        if exact_restore:
+            log = perturb_with_undo(params, offsets, hessian, op(p, [mu]), [op(p, a) for a in passes], restore_chunk)
+            undo += log.numel
+        else:
+            shift(params, hessian, 0, p, [mu])
+        try:
+            f_plus = _evaluate(closure)
+            if central:
+                shift(params, hessian, 0, p, passes.pop(0))
+                f_minus = _evaluate(closure)
+        finally:
+            for alphas in passes:
+                shift(params, hessian, 0, p, alphas)
+            if log is not None:
+                log.apply(params)
+        if central:
+            scalars.append((f_plus - f_minus) / (2 * mu))
+            if f0 is not None:
+                curvature.append((f_plus + f_minus - 2 * f0) / (2 * mu * mu))
+            losses.append(0.5 * (f_plus + f_minus))
+        else:
+            scalars.append((f_plus - f0) / mu)
+            losses.append(f_plus)
+    loss = f0 if f0 is not None else sum(losses) / len(losses)
+    return Estimate(scalars, curvature if (central and f0 is not None) else None, loss, undo)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -13,6 +13,9 @@ _native, _IMPORT_ERROR = load_native("_cpu", "no C++ compiler at install time, o
 #: groups of 4 elements per chunk of work (16 Ki elements): large enough to amortise scheduling, small enough to
 #: balance two to a few dozen threads on real parameter lists.
 GROUPS_PER_CHUNK = 4096
+#: below this much work (elements x terms) one thread is faster than waking a team: an OpenMP hand-off costs tens of
+#: microseconds on an idle machine and milliseconds on a busy one
+PARALLEL_MIN_WORK = 1 << 19
 
 
 class CpuBackend(Backend):
@@ -31,7 +34,8 @@ class CpuBackend(Backend):
         return device.type == "cpu"
 
     def apply(self, params, hessian, offsets, program: Program) -> None:
-        threads = torch.get_num_threads()
+        work = sum(p.numel() for p in params) * max(1, program.n_terms)
+        threads = torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
         for p, h, o in group_by_dtype(params, hessian, offsets).values():
             plan = self._plans.get(p, h, o, GROUPS_PER_CHUNK, torch.device("cpu"))
             _native.run(
@@ -60,8 +64,8 @@ class CpuBackend(Backend):
     def directions(self, seed, direction, offset, numel, distribution: Distribution, device) -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32)
         if numel:
-            _native.fill_directions(seed, direction, offset, numel, int(distribution), out.data_ptr(),
-                                 torch.get_num_threads())
+            threads = torch.get_num_threads() if numel >= PARALLEL_MIN_WORK else 1
+            _native.fill_directions(seed, direction, offset, numel, int(distribution), out.data_ptr(), threads)
         return out
 
     def directions_sum(self, seed, n_dirs, offset, numel, distribution: Distribution, device) -> torch.Tensor:
