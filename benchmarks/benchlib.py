@@ -652,8 +652,8 @@ def check_targets(rows: list[dict], device: str, model: str = "smollm2-135m", dt
                         "margin": "not measured", "note": note})
             return
         met = measured >= required if higher_is_better else measured <= required
-        ratio = measured / required if higher_is_better else required / measured if measured else math.inf
-        margin = f"{'meets' if met else 'misses'} by {abs(ratio - 1) * 100:.0f}%"
+        # by how much, as a ratio to the requirement: "misses (0.63x required)" is 37 % short
+        margin = f"{'meets' if met else 'misses'} ({measured / required:.2f}x {'required' if higher_is_better else 'limit'})"
         out.append({"target": what, "measured": measured, "required": required, "met": met, "margin": margin,
                     "note": note})
 

@@ -15,11 +15,12 @@
 # (default 460: total seconds for the whole script), HISO_CUDA_ARCH_LIST (default 90).
 set -uo pipefail   # no -e: every step runs, failures are collected in the summary
 
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$ROOT/benchmarks/results/gpu}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)   # absolute, before the cd below
+cd "$ROOT"
 PY=${PYTHON:-python3}
-OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${CHECK_BUDGET_S:-460}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }

@@ -39,9 +39,9 @@ PHASES = ("perturb +mu", "forward 1", "perturb -2mu", "forward 2", "restore +mu"
 def smollm2_135m(dtype: torch.dtype, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # SmolLM2-135M's published sizes; RoPE settings and context length do not change the cost of 64 tokens
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-                      rms_norm_eps=1e-5, rope_theta=100000.0)
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype=dtype, device=device).eval()
     return model

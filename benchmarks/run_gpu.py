@@ -51,7 +51,6 @@ def main(argv=None) -> int:
         print("run_gpu.py: torch sees no CUDA device", file=sys.stderr)
         return 2
     device = args.device
-    torch.cuda.set_device(device)
     mode = args.plan or ("quick" if args.quick else "full")
     models = args.models.split(",") if args.models else None
     kernels = set(args.kernels.split(","))
