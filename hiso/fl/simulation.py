@@ -148,12 +148,14 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
     traffic = {"up": 0, "down": 0}  # bytes, all clients together
     start = time.perf_counter()
     train_losses: list[float] = []
+    failures: list[tuple[int, int, str]] = []  # (round, client, reason) of clients that could not answer
 
     def evaluate(rnd: int):
         res = task.evaluate(model, setup.eval_batches)
         row = dict(round=rnd, method=config.method, accuracy=res.accuracy, eval_loss=res.loss,
                    train_loss=float(np.mean(train_losses)) if train_losses else math.nan,
-                   bytes_up=traffic["up"], bytes_down=traffic["down"], seconds=time.perf_counter() - start)
+                   bytes_up=traffic["up"], bytes_down=traffic["down"], client_failures=len(failures),
+                   seconds=time.perf_counter() - start)
         train_losses.clear()
         metrics.append(row)
         if on_eval:
@@ -169,7 +171,11 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
             for assignment in server.begin_round():
                 traffic["down"] += len(assignment.encode())
                 stream = streams[assignment.client]
-                scalars, curvature, loss = local_steps(replica, assignment.seeds, lambda s=stream: closure_of(s))
+                try:
+                    scalars, curvature, loss = local_steps(replica, assignment.seeds, lambda s=stream: closure_of(s))
+                except ValueError as exc:  # e.g. a non-finite loss after divergence: this client sends nothing
+                    failures.append((assignment.round, assignment.client, str(exc)))
+                    continue
                 reply = messages.ClientReply(assignment.round, assignment.client, scalars, curvature).encode()
                 traffic["up"] += len(reply)
                 server.submit(reply, sender=assignment.client)
