@@ -30,8 +30,9 @@ roofline         max(t_mem, t_gen): t_mem = minimal bytes / copy bandwidth (= t_
                  generator-only kernel ``directions_sum`` drawing numel x terms Gaussian values on the same backend
                  (it regenerates and reduces the directions and touches no parameter memory)
 % of roofline    roofline / t;  "bound" names the larger term (memory or generator)
-peak-memory      CPU: growth of the peak resident set (ru_maxrss) during one call, in a fresh subprocess after a warm-up
-delta            and a reset of the peak; GPU: torch.cuda.max_memory_allocated() - memory_allocated() before the call
+peak-memory      CPU: growth of the peak resident set (VmHWM, the value behind ru_maxrss) during one call, in a fresh
+delta            subprocess after a warm-up and a reset of the peak;
+                 GPU: torch.cuda.max_memory_allocated() - memory_allocated() before the call
 """
 
 from __future__ import annotations
@@ -472,14 +473,31 @@ def summarize(times: Sequence[float]) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ memory
 def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (Linux: ``echo 5 > /proc/self/clear_refs``), so ru_maxrss restarts from the
-    current RSS. Without it a warm-up peak (torch.compile, first allocations) would hide the call's own peak."""
+    """Reset the process's peak RSS (Linux: ``echo 5 > /proc/self/clear_refs``) to its current RSS. Without it a
+    warm-up peak (torch.compile, first allocations) would hide the call's own peak."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak RSS: VmHWM from /proc/self/status where it exists, else ru_maxrss.
+
+    Both are the same high-water mark, but ru_maxrss also keeps the peak recorded when any thread of the process
+    exited (Linux folds the address space's peak into the process's maxrss at each thread exit), so after a reset it
+    can still report the warm-up's peak; VmHWM is reset by clear_refs alone.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def probe_memory_here(case: Case, provider: str, device: str) -> dict:
@@ -493,11 +511,12 @@ def probe_memory_here(case: Case, provider: str, device: str) -> dict:
     if torch.device(device).type == "cuda":
         return cuda_peak_delta(fn, device)
     reset = _reset_peak_rss()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_bytes()
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    method = "ru_maxrss, peak reset" if reset else "ru_maxrss (peak not resettable: warm-up peak may hide the call)"
-    return {"mem_delta_bytes": (after - before) * 1024, "mem_method": method}
+    after = peak_rss_bytes()
+    method = "peak RSS (VmHWM), reset after warm-up" if reset else \
+        "peak RSS, not resettable here: a warm-up peak may hide the call's"
+    return {"mem_delta_bytes": after - before, "mem_method": method}
 
 
 def cuda_peak_delta(fn: Callable[[], object], device: str) -> dict:
@@ -653,7 +672,8 @@ def check_targets(rows: list[dict], device: str, model: str = "smollm2-135m", dt
             return
         met = measured >= required if higher_is_better else measured <= required
         # by how much, as a ratio to the requirement: "misses (0.63x required)" is 37 % short
-        margin = f"{'meets' if met else 'misses'} ({measured / required:.2f}x {'required' if higher_is_better else 'limit'})"
+        unit = "required" if higher_is_better else "limit"
+        margin = f"{'meets' if met else 'misses'} ({measured / required:.2f}x {unit})"
         out.append({"target": what, "measured": measured, "required": required, "met": met, "margin": margin,
                     "note": note})
 

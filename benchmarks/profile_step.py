@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -123,7 +122,7 @@ def run_variant(step, model, params, batch, device, steps, warmup, mu, lr) -> di
             base = torch.cuda.memory_allocated()
         else:
             bl._reset_peak_rss()
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            base = bl.peak_rss_bytes()  # = the current RSS, right after the reset
         t0 = time.perf_counter()
         with torch.no_grad():
             step(model, params, batch, 1234 + i, mu, lr, timer)
@@ -132,7 +131,7 @@ def run_variant(step, model, params, batch, device, steps, warmup, mu, lr) -> di
         if device.startswith("cuda"):
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+            peak = bl.peak_rss_bytes() - base
         if i < warmup:
             continue
         totals.append(total)
