@@ -124,21 +124,74 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _GGUFFacts:
+    has_output_head: bool  # files of tied-embedding models (SmolLM2) omit ``output.weight``
+    add_bos_token: bool | None  # ``tokenizer.ggml.add_bos_token``; None when the file does not say
+
+
+def _gguf_facts(path: Path) -> _GGUFFacts:
+    import gguf
+
+    reader = gguf.GGUFReader(path)  # memory-mapped: reads the header only
+    field = reader.fields.get("tokenizer.ggml.add_bos_token")
+    add_bos = None
+    if field is not None:
+        value = field.contents() if hasattr(field, "contents") else field.parts[field.data[0]][0]
+        add_bos = bool(value)
+    return _GGUFFacts(any(t.name == "output.weight" for t in reader.tensors), add_bos)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def _gguf_tokenizer(path: Path, facts: _GGUFFacts) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if facts.add_bos_token is False and _adds_bos(tokenizer):
+        # transformers 4.x ignores the file's flag and prepends BOS, which the model never saw in training
+        tokenizer.add_bos_token = False
+        if _adds_bos(tokenizer):
+            raise RuntimeError(
+                f"{path.name}: the tokenizer adds BOS although the file says not to; upgrade transformers"
+            )
+    return tokenizer
+
+
 def _dequantize_gguf(path: Path) -> tuple[Any, Any]:
     """(fp32 model that ``save_pretrained`` accepts, tokenizer) from a GGUF file."""
     _require("transformers", "gguf", "accelerate", purpose=f"loading the GGUF file {path.name}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    facts = _gguf_facts(path)
+    tokenizer = _gguf_tokenizer(path, facts)
     quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **_dtype_kwargs(torch.float32))
     # A GGUF-loaded model keeps a quantization_config and save_pretrained refuses it. The tensors are already
     # dequantised, so rebuild a plain model of the same config and move them over.
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))
-    model.load_state_dict(quantized.state_dict(), strict=True)
+    head = quantized.get_output_embeddings()
+    head_key = next(name for name, module in quantized.named_modules() if module is head) + ".weight"
+    state = quantized.state_dict()
+    tied = not facts.has_output_head
+    if tied:
+        # No head in the file means the head is the embedding matrix. transformers 4.x does not tie it then and
+        # leaves lm_head randomly initialised (a silently broken model): tie it ourselves, whatever the version.
+        config.tie_word_embeddings = True
+        state.pop(head_key, None)
     del quantized
+    model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))
+    missing, unexpected = model.load_state_dict(state, strict=False)  # checked just below
+    if unexpected or set(missing) - ({head_key} if tied else set()):
+        raise RuntimeError(f"{path.name}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    if tied:
+        model.tie_weights()
+        if not torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight):
+            raise RuntimeError(f"{path.name}: could not tie the LM head to the embeddings")
     return model, tokenizer
 
 
@@ -165,6 +218,7 @@ def _source_info(spec: OfflineModel, gguf: Path | None) -> dict[str, Any]:
         pass
     if gguf is not None:
         info["size"] = gguf.stat().st_size
+    info["transformers"] = importlib.metadata.version("transformers")  # provenance only
     return info
 
 
@@ -290,7 +344,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], cache_dir: str | os.Pat
         kind, source = _resolve_source(name_or_path, cache_dir)
     if kind == "gguf":
         _require("gguf", purpose="reading a GGUF tokenizer")
-        return _finish_tokenizer(AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name))
+        return _finish_tokenizer(_gguf_tokenizer(source, _gguf_facts(source)))
     try:
         return _finish_tokenizer(AutoTokenizer.from_pretrained(source, **_hub_kwargs(kind, cache_dir)))
     except OSError as exc:

@@ -209,6 +209,8 @@ def test_smollm2_offline_alias(hiso_cache):
         a, b = model(ids).logits[0, -1], again(ids).logits[0, -1]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.isfinite(a).all()
-    # the reloaded tokenizer is the GGUF's (SmolLM2 adds no BOS; pad falls back to <|im_end|>)
+    # SmolLM2 adds no BOS (the GGUF says so; transformers 4.x would add one unless told)
+    assert ids[0, 0].item() != tokenizer.bos_token_id and len(tokenizer("a")["input_ids"]) == 1
+    # the reloaded tokenizer is the GGUF's (pad falls back to <|im_end|>)
     assert load_tokenizer("smollm2-135m", cache_dir=hiso_cache)("hi")["input_ids"] == tokenizer("hi")["input_ids"]
     assert tokenizer.pad_token is not None

@@ -50,8 +50,8 @@ def test_deterministic_given_seed(labels, scheme):
     a = split_clients(labels, 8, scheme=scheme, alpha=0.3, seed=5)
     b = split_clients(labels, 8, scheme=scheme, alpha=0.3, seed=5)
     c = split_clients(labels, 8, scheme=scheme, alpha=0.3, seed=6)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_dirichlet_skew_vs_iid(labels):

@@ -145,8 +145,8 @@ def test_make_model_deterministic_and_rng_neutral():
     state = torch.random.get_rng_state()
     a, b, c = task.make_model(seed=1), task.make_model(seed=1), task.make_model(seed=2)
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def test_batching_shuffle_drop_last_and_losses():
@@ -159,13 +159,15 @@ def test_batching_shuffle_drop_last_and_losses():
     assert [len(b) for b in task.make_batches(task.train_examples, 16, drop_last=True)] == [16, 16, 16]
     shuffled = task.make_batches(task.train_examples, 16, shuffle=True, seed=3)
     again = task.make_batches(task.train_examples, 16, shuffle=True, seed=3)
-    assert all(torch.equal(x.labels, y.labels) for x, y in zip(shuffled, again))
+    assert all(torch.equal(x.labels, y.labels) for x, y in zip(shuffled, again, strict=True))
     assert sorted(torch.cat([b.labels for b in shuffled]).tolist()) == sorted(labels.tolist())
     model = task.make_model()
     with torch.no_grad():
         per_batch = [float(task.loss(model, b)) for b in plain]
         result = task.evaluate(model, plain)
-    expected = sum(value * len(b) for value, b in zip(per_batch, plain)) / 50  # example-weighted, not batch-averaged
+    expected = (
+        sum(value * len(b) for value, b in zip(per_batch, plain, strict=True)) / 50
+    )  # example-weighted, not batch-averaged
     assert result.loss == pytest.approx(expected, rel=1e-5) and result.num_examples == 50
     with pytest.raises(ValueError, match="batch_size"):
         task.make_batches(task.train_examples, 0)

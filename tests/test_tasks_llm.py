@@ -68,7 +68,7 @@ def test_verbaliser_tokens_single_distinct_and_in_context(tokenizer, name, templ
     # the id is what the tokenizer produces for the answer written after a real prompt
     example = task.eval_examples[0]
     prompt = task.prompt(example)
-    for word, token in zip(TEMPLATES[name][template].verbalizer, expected):
+    for word, token in zip(TEMPLATES[name][template].verbalizer, expected, strict=True):
         with_answer = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
         assert with_answer == tokenizer(prompt, add_special_tokens=False)["input_ids"] + [token]
 

@@ -295,7 +295,7 @@ def test_shuffled_batches_are_deterministic_and_complete():
     task = _toy_task(WordTokenizer())
     a = task.make_batches(task.train_examples, 2, shuffle=True, seed=7)
     b = task.make_batches(task.train_examples, 2, shuffle=True, seed=7)
-    assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+    assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b, strict=True))
     assert sorted(torch.cat([x.labels for x in a]).tolist()) == [0, 0, 0, 1, 1]
     assert len(task.make_batches(task.train_examples, 2, drop_last=True)) == 2
 

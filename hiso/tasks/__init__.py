@@ -38,6 +38,8 @@ __all__ = [
     "classification_loss",
     "evaluate",
     "get_task",
+    "load_fashion_mnist_task",
+    "load_text_task",
     "register_task",
 ]
 

@@ -303,7 +303,7 @@ def _read_tsv(path: Path) -> list[dict[str, str]]:
                 continue
             if len(cells) != len(header):
                 raise ValueError(f"{path}:{line_no}: expected {len(header)} tab-separated cells, got {len(cells)}")
-            rows.append(dict(zip(header, cells)))
+            rows.append(dict(zip(header, cells, strict=True)))
     return rows
 
 
