@@ -84,7 +84,7 @@ def main() -> int:
 
     stamp = dt.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"{stamp}-{args.task}-claim")
+    base = os.path.join(args.out, f"{stamp}-{args.task}-claim-{args.rounds}r")
     conditions = dict(date=stamp, command=" ".join(["python"] + sys.argv), python=platform.python_version(),
                       torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads(),
                       seconds=time.time() - t0, settings=vars(args))

@@ -180,7 +180,10 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
                 traffic["up"] += len(reply)
                 server.submit(reply, sender=assignment.client)
                 train_losses.append(loss)
-            server.end_round()
+            if server.end_round() is None and not all(torch.isfinite(p).all() for p in replica.params):
+                evaluate(rnd)  # the model diverged (non-finite parameters): nothing more can happen
+                metrics[-1]["diverged"] = True
+                break
             if rnd % config.eval_every == 0 or rnd == config.rounds:
                 evaluate(rnd)
     elif config.method == "mezo":
