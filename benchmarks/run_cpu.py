@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} rows in {cond['wall_s']} s; load average at end {cond['load_average_at_end_1_5_15']}")
     for t in targets:
         if t["met"] is False or "speedup" in t["target"] or "memory" in t["target"]:
-            print(f"  {t['target']}: {bl._fmt(t['measured'])} ({t['margin']}) {t['note']}")
+            missed = ", MISSED" if t["met"] is False else ""
+            print(f"  {t['target']}: {bl._fmt(t['measured'])} ({t['margin']}{missed}) {t['note']}")
     print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
     return 0
 
