@@ -88,6 +88,32 @@ def _as_list(name: str, values) -> list:
     return list(values)
 
 
+def normalize_round(r: int, rnd: Round) -> tuple[list[int], list[int], list[float], list[float] | None, float]:
+    """Check one round and return (seeds, directions, fp32 coefficients, fp32 curvature coefficients or None, fp32
+    weight decay). Errors name the round and the term."""
+    if not isinstance(rnd, Round):
+        raise TypeError(f"rounds[{r}] must be a hiso_kernels.Round, got {type(rnd).__name__}")
+    s = _as_list(f"rounds[{r}].seeds", rnd.seeds)
+    p = _as_list(f"rounds[{r}].directions", rnd.directions)
+    a = _as_list(f"rounds[{r}].coefficients", rnd.coefficients)
+    b = None if rnd.curvature_coefficients is None else _as_list(
+        f"rounds[{r}].curvature_coefficients", rnd.curvature_coefficients
+    )
+    if not s:
+        raise ValueError(f"rounds[{r}] has no terms")
+    if len(p) != len(s) or len(a) != len(s) or (b is not None and len(b) != len(s)):
+        raise ValueError(
+            f"rounds[{r}]: seeds, directions, coefficients (and curvature_coefficients) must have equal lengths, "
+            f"got {len(s)}, {len(p)}, {len(a)}" + ("" if b is None else f", {len(b)}")
+        )
+    s = [_check_int(f"rounds[{r}].seeds[{i}]", v, 0, spec.SEED_MAX) for i, v in enumerate(s)]
+    p = [_check_int(f"rounds[{r}].directions[{i}]", v, 0, spec.DIRECTION_MAX) for i, v in enumerate(p)]
+    a = [_check_f32(f"rounds[{r}].coefficients[{i}]", v) for i, v in enumerate(a)]
+    if b is not None:
+        b = [_check_f32(f"rounds[{r}].curvature_coefficients[{i}]", v) for i, v in enumerate(b)]
+    return s, p, a, b, _check_f32(f"rounds[{r}].weight_decay", rnd.weight_decay)
+
+
 def build_program(
     rounds: Sequence[Round],
     *,
@@ -126,26 +152,8 @@ def build_program(
     wds: list[float] = []
     rseeds: list[int] = []
     for r, rnd in enumerate(rounds):
-        if not isinstance(rnd, Round):
-            raise TypeError(f"rounds[{r}] must be a hiso_kernels.Round, got {type(rnd).__name__}")
-        s = _as_list(f"rounds[{r}].seeds", rnd.seeds)
-        p = _as_list(f"rounds[{r}].directions", rnd.directions)
-        a = _as_list(f"rounds[{r}].coefficients", rnd.coefficients)
-        b = [0.0] * len(s) if rnd.curvature_coefficients is None else _as_list(
-            f"rounds[{r}].curvature_coefficients", rnd.curvature_coefficients
-        )
-        if not s:
-            raise ValueError(f"rounds[{r}] has no terms")
-        if not len(s) == len(p) == len(a) == len(b):
-            raise ValueError(
-                f"rounds[{r}]: seeds, directions, coefficients and curvature_coefficients must have equal lengths, "
-                f"got {len(s)}, {len(p)}, {len(a)}, {len(b)}"
-            )
-        s = [_check_int(f"rounds[{r}].seeds[{i}]", v, 0, spec.SEED_MAX) for i, v in enumerate(s)]
-        p = [_check_int(f"rounds[{r}].directions[{i}]", v, 0, spec.DIRECTION_MAX) for i, v in enumerate(p)]
-        a = [_check_f32(f"rounds[{r}].coefficients[{i}]", v) for i, v in enumerate(a)]
-        b = [_check_f32(f"rounds[{r}].curvature_coefficients[{i}]", v) for i, v in enumerate(b)]
-        wd = _check_f32(f"rounds[{r}].weight_decay", rnd.weight_decay)
+        s, p, a, b, wd = normalize_round(r, rnd)
+        b = [0.0] * len(s) if b is None else b
         seeds += s
         dirs += p
         coef_x += a

@@ -16,7 +16,7 @@ import torch
 
 from . import _validate as v
 from . import spec
-from ._program import Round, build_program
+from ._program import Round, build_program, normalize_round
 from .backends import select_backend
 from .spec import CurvatureRule, Distribution
 
@@ -345,30 +345,14 @@ def replay_(
     seeds, dirs, coefs, curv, sizes, wds = [], [], [], [], [], []
     any_curv = False
     for r, rnd in enumerate(rounds):
-        if not isinstance(rnd, Round):
-            raise TypeError(f"rounds[{r}] must be a hiso_kernels.Round, got {type(rnd).__name__}")
-        s = _seq(f"rounds[{r}].seeds", rnd.seeds)
-        p = _seq(f"rounds[{r}].directions", rnd.directions)
-        a = _seq(f"rounds[{r}].coefficients", rnd.coefficients)
-        b = None if rnd.curvature_coefficients is None else _seq(
-            f"rounds[{r}].curvature_coefficients", rnd.curvature_coefficients)
-        if not s:
-            raise ValueError(f"rounds[{r}] has no terms")
-        if len(p) != len(s) or len(a) != len(s) or (b is not None and len(b) != len(s)):
-            raise ValueError(
-                f"rounds[{r}]: seeds, directions, coefficients (and curvature_coefficients) must have equal lengths, "
-                f"got {len(s)}, {len(p)}, {len(a)}" + ("" if b is None else f", {len(b)}")
-            )
-        seeds += [v.check_int(f"rounds[{r}].seeds[{i}]", x, 0, spec.SEED_MAX) for i, x in enumerate(s)]
-        dirs += [v.check_int(f"rounds[{r}].directions[{i}]", x, 0, spec.DIRECTION_MAX) for i, x in enumerate(p)]
-        coefs += [v.check_f32(f"rounds[{r}].coefficients[{i}]", x) for i, x in enumerate(a)]
-        if b is None:
-            curv += [0.0] * len(s)
-        else:
-            curv += [v.check_f32(f"rounds[{r}].curvature_coefficients[{i}]", x) for i, x in enumerate(b)]
-            any_curv = True
-        sizes.append(len(s))
-        wds.append(v.check_f32(f"rounds[{r}].weight_decay", rnd.weight_decay))
+        seeds_r, dirs_r, coefs_r, curv_r, wd_r = normalize_round(r, rnd)
+        seeds += seeds_r
+        dirs += dirs_r
+        coefs += coefs_r
+        curv += [0.0] * len(seeds_r) if curv_r is None else curv_r
+        any_curv |= curv_r is not None
+        sizes.append(len(seeds_r))
+        wds.append(wd_r)
     torch.ops.hiso.replay_(
         _params_arg(params), _hessian_arg(hessian), seeds, dirs, coefs, curv if any_curv else [], sizes, wds,
         _offset_arg(offset), _rule_arg(rule), v.check_f32("beta", beta), v.check_f32("h_min", h_min),

@@ -78,20 +78,7 @@ class Distribution(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: "str | int | Distribution") -> "Distribution":
-        if isinstance(value, Distribution):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            try:
-                return cls(value)
-            except ValueError:
-                pass
-        names = ", ".join(repr(m.name.lower()) for m in cls)
-        raise ValueError(f"unknown distribution {value!r}; expected one of {names}")
+        return _parse_enum(cls, value, "distribution")
 
 
 class CurvatureRule(enum.IntEnum):
@@ -113,20 +100,25 @@ class CurvatureRule(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: "str | int | CurvatureRule") -> "CurvatureRule":
-        if isinstance(value, CurvatureRule):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            try:
-                return cls(value)
-            except ValueError:
-                pass
-        names = ", ".join(repr(m.name.lower()) for m in cls)
-        raise ValueError(f"unknown curvature rule {value!r}; expected one of {names}")
+        return _parse_enum(cls, value, "curvature rule")
+
+
+def _parse_enum(cls, value, what: str):
+    """An enum member from itself, its lower-case name or its integer value; a clear ValueError otherwise."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls[value.strip().upper()]
+        except KeyError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return cls(value)
+        except ValueError:
+            pass
+    names = ", ".join(repr(m.name.lower()) for m in cls)
+    raise ValueError(f"unknown {what} {value!r}; expected one of {names}")
 
 
 def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
