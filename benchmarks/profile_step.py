@@ -5,14 +5,16 @@
 
 A MeZO step (Malladi et al., MeZO's trainer) is: perturb +mu, forward, perturb -2 mu, forward, perturb +mu (restore),
 then the update x <- x - lr g z with z regenerated from the step's seed. Only the two forward passes do model work;
-everything else is parameter traffic. This script times each phase and reports
+everything else is parameter traffic. This script times each phase (and the growth of peak memory within it) and
+reports
 
     share outside the forwards = (step time - forward 1 - forward 2) / step time
 
 for the eager loop (``torch.manual_seed`` then per parameter ``torch.normal``, multiply, add: benchlib.mezo_*_loop)
-and for the fused kernels (``hk.perturb_`` x 3 + ``hk.zo_update_``), plus the peak-memory growth of a step (CPU: peak
-RSS after a reset of the peak; GPU: max_memory_allocated). The model is randomly initialised from SmolLM2-135M's
-config (same cost as the pretrained weights); inputs are random token ids, labels = inputs.
+and for the fused kernels (``hk.perturb_`` x 3 + ``hk.zo_update_``), plus the peak-memory growth of the perturb /
+update phases and of the forward phases (CPU: peak RSS after a reset of the peak; GPU: max_memory_allocated).
+The model is randomly initialised from SmolLM2-135M's config (same cost as the pretrained weights); inputs are random
+token ids, labels = inputs.
 """
 
 from __future__ import annotations
@@ -46,13 +48,29 @@ def smollm2_135m(dtype: torch.dtype, device: str):
     return model
 
 
+def _peak_reset(device: str) -> int:
+    """Restart the peak-memory count; returns the current level (the baseline of the next peak)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    bl._reset_peak_rss()
+    return bl.peak_rss_bytes()
+
+
+def _peak(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else bl.peak_rss_bytes()
+
+
 class PhaseTimer:
-    """Wall time per phase of a step; synchronises the device at each boundary so a phase owns its kernels."""
+    """Wall time and peak-memory growth per phase of a step; synchronises the device at each boundary so a phase
+    owns its kernels."""
 
     def __init__(self, device: str):
         self.device = device
         self.times: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}
         self._t = None
+        self._base = 0
         self._name = None
 
     def __call__(self, name: str):
@@ -61,11 +79,13 @@ class PhaseTimer:
 
     def __enter__(self):
         bl.synchronize(self.device)
+        self._base = _peak_reset(self.device)
         self._t = time.perf_counter()
 
     def __exit__(self, *exc):
         bl.synchronize(self.device)
         self.times[self._name] = time.perf_counter() - self._t
+        self.peaks[self._name] = _peak(self.device) - self._base
 
 
 def eager_step(model, params, batch, seed, mu, lr, timer):
@@ -114,35 +134,29 @@ def fused_step(model, params, batch, seed, mu, lr, timer, backend=None):
 def run_variant(step, model, params, batch, device, steps, warmup, mu, lr) -> dict:
     per_phase: dict[str, list[float]] = {p: [] for p in PHASES}
     totals = []
-    peaks = []
+    outside = []  # per step: step time minus its two forwards (medians of parts would not add up)
+    outside_peaks = []
+    forward_peaks = []
     for i in range(warmup + steps):
         timer = PhaseTimer(device)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            bl._reset_peak_rss()
-            base = bl.peak_rss_bytes()  # = the current RSS, right after the reset
         t0 = time.perf_counter()
         with torch.no_grad():
             step(model, params, batch, 1234 + i, mu, lr, timer)
         bl.synchronize(device)
         total = time.perf_counter() - t0
-        if device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = bl.peak_rss_bytes() - base
         if i < warmup:
             continue
         totals.append(total)
-        peaks.append(peak)
+        outside.append(total - timer.times["forward 1"] - timer.times["forward 2"])
+        outside_peaks.append(max(v for k, v in timer.peaks.items() if not k.startswith("forward")))
+        forward_peaks.append(max(v for k, v in timer.peaks.items() if k.startswith("forward")))
         for p in PHASES:
             per_phase[p].append(timer.times[p])
     med = {p: statistics.median(v) for p, v in per_phase.items()}
-    total = statistics.median(totals)
-    forward = med["forward 1"] + med["forward 2"]
-    return {"phases_s": med, "step_s": total, "forward_s": forward, "outside_s": total - forward,
-            "outside_share": (total - forward) / total, "peak_delta_bytes": max(peaks),
+    return {"phases_s": med, "step_s": statistics.median(totals), "outside_s": statistics.median(outside),
+            "outside_share": statistics.median(o / t for o, t in zip(outside, totals, strict=True)),
+            "peak_outside_bytes": max(outside_peaks),
+            "peak_forward_bytes": max(forward_peaks),
             "step_p20_s": bl.percentile(totals, 20), "step_p80_s": bl.percentile(totals, 80), "steps": len(totals)}
 
 
@@ -164,10 +178,12 @@ def markdown(res: dict, cond: dict, args, n_params: int) -> str:
     lines += [
         f"| **step** | **{e['step_s'] * 1e3:.1f} ms** | **{f['step_s'] * 1e3:.1f} ms** | "
         f"**{e['step_s'] / f['step_s']:.2f}x** |",
-        f"| outside the two forwards | {e['outside_s'] * 1e3:.1f} ms ({100 * e['outside_share']:.1f}%) | "
+        f"| outside the two forwards (per step) | {e['outside_s'] * 1e3:.1f} ms ({100 * e['outside_share']:.1f}%) | "
         f"{f['outside_s'] * 1e3:.1f} ms ({100 * f['outside_share']:.1f}%) | {e['outside_s'] / f['outside_s']:.2f}x |",
-        f"| peak-memory growth of a step | {bl._fmt_bytes(e['peak_delta_bytes'])} | "
-        f"{bl._fmt_bytes(f['peak_delta_bytes'])} | |",
+        f"| peak-memory growth, perturb / update phases | {bl._fmt_bytes(e['peak_outside_bytes'])} | "
+        f"{bl._fmt_bytes(f['peak_outside_bytes'])} | |",
+        f"| peak-memory growth, forward phases | {bl._fmt_bytes(e['peak_forward_bytes'])} | "
+        f"{bl._fmt_bytes(f['peak_forward_bytes'])} | |",
         "",
         f"Step time p20-p80: eager {e['step_p20_s'] * 1e3:.1f}-{e['step_p80_s'] * 1e3:.1f} ms, fused "
         f"{f['step_p20_s'] * 1e3:.1f}-{f['step_p80_s'] * 1e3:.1f} ms. The forward passes are the same work in both; "
