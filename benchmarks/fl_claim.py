@@ -85,9 +85,10 @@ def main() -> int:
     stamp = dt.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"{stamp}-{args.task}-claim-{args.rounds}r")
+    settings = dict(vars(args), out=os.path.relpath(args.out))  # no machine paths in committed results
     conditions = dict(date=stamp, command=" ".join(["python"] + sys.argv), python=platform.python_version(),
                       torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads(),
-                      seconds=time.time() - t0, settings=vars(args))
+                      seconds=time.time() - t0, settings=settings)
     with open(base + ".json", "w") as fh:
         json.dump(dict(conditions=conditions, result=result, runs=runs), fh, indent=1)
     lines = [f"# {args.task}: HiSo vs DeComFL ({stamp})", "", f"Command: `{conditions['command']}`", "",
