@@ -11,7 +11,6 @@ seeds; the method's best learning rate is the one with the highest final accurac
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os

@@ -11,7 +11,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import hiso_kernels as hk  # noqa: E402
 from helpers import host_fused_backends  # noqa: E402
 
 

@@ -3,8 +3,6 @@ rounds, a fresh replica replaying the log, a restored checkpoint), rejection of 
 
 from __future__ import annotations
 
-import copy
-import os
 import struct
 
 import pytest

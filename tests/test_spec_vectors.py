@@ -193,7 +193,6 @@ def test_cpu_instruction_sets_agree():
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_generator_only_kernel_sums_the_directions(backend):
     """The benchmark's generator-only kernel really generates the range it is asked for."""
-    from hiso_kernels.backends import BACKENDS
 
     for dist in ("gaussian", "rademacher"):
         want = sum(hk.directions(5, 10007, direction=p, offset=7, distribution=dist).double().sum().item()

@@ -15,7 +15,7 @@ import torch
 
 from .. import spec
 from .._program import Program
-from ..spec import CurvatureRule, Distribution
+from ..spec import Distribution
 from .base import DTYPE_CODES, Backend, PlanCache, group_by_dtype
 
 try:
