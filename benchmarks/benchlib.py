@@ -334,9 +334,9 @@ def _loops(case: Case, compiled: bool):
     if compiled:
         # A fresh dynamo cache per case: every case compiles static shapes for itself and never hits the recompile
         # limit (past it, torch.compile silently runs the loop eagerly). HISO_BENCH_COMPILE_DYNAMIC=1 compiles with
-        # dynamic=True instead: on a loaded 2-core machine the dynamic-shape graph of SmolLM2's 272-tensor loop ran
-        # 2-3x faster than the static one (both call ATen's normal and fuse only the multiply-add), so the option is
-        # there to check that the baseline is not handicapped.
+        # dynamic=True instead, to check that the baseline is not handicapped by static shapes: on a quiet 2-core
+        # machine both ran SmolLM2's 272-tensor loop in the same time (0.72 s; both call ATen's normal and fuse only
+        # the multiply-add); on a loaded one the static graph was 2-3x slower.
         torch._dynamo.reset()
         dynamic = True if os.environ.get("HISO_BENCH_COMPILE_DYNAMIC", "") == "1" else None
         fn = torch.compile(fn, dynamic=dynamic)
@@ -728,8 +728,23 @@ def check_targets(rows: list[dict], device: str, model: str = "smollm2-135m", dt
     return out
 
 
+def _single_thread_below() -> int | None:
+    """The cpu backend's size threshold for using more than one thread (None if it has none)."""
+    try:
+        from hiso_kernels.backends import cpu as cpu_backend
+
+        return getattr(cpu_backend, "PARALLEL_MIN_WORK", None)
+    except ImportError:
+        return None
+
+
 def _why_slow(r: dict) -> str:
     """A first explanation for a kernel below its roofline, from the numbers alone."""
+    limit = _single_thread_below()
+    if r["provider"] == "cpu" and limit and r["numel"] * r["terms"] < limit and torch.get_num_threads() > 1:
+        # the generator-only kernel has no such threshold, so the generator term assumes every thread
+        return (f"the cpu backend runs one thread below PARALLEL_MIN_WORK = {limit} element x terms, the generator "
+                "term uses all of them; plus fixed per-call costs")
     if r["median_s"] < 2e-3:
         # A tiny call still pays Python dispatch (torch.library op, validation, program packing) and an OpenMP or
         # kernel launch: about 0.1-0.3 ms on the CPU, tens of microseconds on a GPU.
@@ -988,7 +1003,7 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
         ax.set_yscale("log")
         ax.set_ylabel("ms per call")
         ax.set_title(f"{model} parameter list, {mr[0]['dtype']}")
-        _legend(ax)
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.07))  # below: bars stay visible
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
