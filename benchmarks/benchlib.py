@@ -244,11 +244,14 @@ def plan(device_type: str, mode: str, dtypes: Sequence[str] = ("bf16",), models:
 # ------------------------------------------------------------------------------------------------------ providers
 def fused_backends(device: str) -> list[str]:
     """Compiled hiso backends usable on ``device`` (the Triton interpreter on the CPU is a test tool: excluded)."""
+    from hiso_kernels.backends import AUTO_ORDER
+
     dev = torch.device(device)
     names = [b for b in hk.available_backends(dev) if b != "torch"]
     if dev.type == "cpu":
         names = [b for b in names if b != "triton"]
-    return names
+    order = AUTO_ORDER.get(dev.type, ())
+    return sorted(names, key=lambda b: order.index(b) if b in order else len(order))  # preferred backend first
 
 
 #: the torch reference materialises every direction in fp32: include it only below this many element x terms

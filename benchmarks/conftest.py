@@ -38,6 +38,11 @@ def pytest_addoption(parser):
     group.addoption("--hiso-target-s", type=float, default=None)
 
 
+def pytest_configure(config):
+    # torch.compile's imports warn about torch.jit internals: noise in every benchmark report
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:torch.jit._script")
+
+
 def pytest_generate_tests(metafunc):
     """Parametrize every ``case, provider`` test over the plan of its module's KERNELS."""
     if not {"case", "provider"} <= set(metafunc.fixturenames):
