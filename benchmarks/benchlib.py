@@ -272,7 +272,7 @@ def providers(case: Case, device: str, *, with_reference: bool = True) -> list[s
         out.append(f"{backends[0]}+check")  # the default check_hessian=True: one extra read of H
     out += ["eager", "compile", "copy"]
     out += [f"generator:{b}" for b in backends]
-    if case.kernel == "perturb":
+    if case.kernel == "perturb" and case.numel * case.terms <= 1 << 30:  # a 4 GiB fp32 buffer at most (7B: skipped)
         out.append("randn")
     return out
 
@@ -1087,7 +1087,12 @@ class Runner:
             gc.collect()
             if torch.device(self.device).type == "cuda":
                 torch.cuda.empty_cache()
-            self._state = make_state(case, self.device)
+            try:
+                self._state = make_state(case, self.device)
+            except (RuntimeError, MemoryError) as exc:  # e.g. torch.cuda.OutOfMemoryError: skip, keep going
+                self.log(f"  {case.label():<45} state allocation FAILED: {type(exc).__name__}: {str(exc)[:120]}")
+                self.skipped.append(f"{case.label()}: could not allocate the parameters ({type(exc).__name__})")
+                return
             self._state_key = key
         params, hessian = self._state
         for prov in provs:
@@ -1123,6 +1128,9 @@ class Runner:
             del fn
         except Exception as exc:  # a provider that fails is reported, not fatal (e.g. torch.compile on a bare box)
             self.log(f"  {case.label():<45} {prov:<22} FAILED: {type(exc).__name__}: {exc}")
+            gc.collect()
+            if torch.device(self.device).type == "cuda":
+                torch.cuda.empty_cache()  # after an out-of-memory error, give the next provider a clean pool
             return row_for(case, prov, {"median_s": math.nan, "p20_s": math.nan, "p80_s": math.nan, "repeats": 0},
                            note=f"failed: {type(exc).__name__}: {str(exc)[:120]}")
         if self.memory(case, prov) and torch.device(self.device).type != "cuda":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import signal
 import sys
 import time
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         rows = bl.derive(runner.rows)
     cond.update(mode=mode, wall_s=round(time.monotonic() - start, 1), skipped=runner.skipped)
     targets = bl.check_targets(rows, device)
-    gpu = (cond.get("gpu") or "gpu").replace("NVIDIA ", "").replace(" ", "-")
+    gpu = re.sub(r"[^A-Za-z0-9._-]+", "-", (cond.get("gpu") or "gpu").replace("NVIDIA ", ""))  # a safe file name
     stem = args.tag or f"{datetime.date.today().isoformat()}-{gpu}" + ("" if mode == "full" else f"-{mode}")
     paths = bl.write_outputs(rows, targets, cond, args.out, stem, f"hiso_kernels GPU benchmark ({cond.get('gpu')})")
     print(f"\n{len(rows)} rows in {cond['wall_s']} s; {len(runner.skipped)} skipped for time")
