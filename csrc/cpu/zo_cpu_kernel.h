@@ -123,13 +123,25 @@ static void process_chunk(const Job& job, int64_t chunk) {
     const int lo = static_cast<int>(greater<int64_t>(0, -local0));
     const int hi = static_cast<int>(
         lesser<int64_t>(lesser<int64_t>(kTile, numel - local0), static_cast<int64_t>(4 * (g_end - g0))));
-    for (int l = 0; l < kTile; ++l) {
-      xv[l] = 0.0f;
-      hv[l] = 1.0f;
-    }
-    for (int l = lo; l < hi; ++l) xv[l] = S::load(x[local0 + l]);
-    if (HAS_H) {
-      for (int l = lo; l < hi; ++l) hv[l] = h[local0 + l];
+    const bool full = lo == 0 && hi == kTile;  // interior tiles: fixed trip counts, so the loops vectorise
+    if (full) {
+      const Raw* __restrict xs = x + local0;
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l) xv[l] = S::load(xs[l]);
+      if (HAS_H) {
+        const float* __restrict hs = h + local0;
+#pragma omp simd
+        for (int l = 0; l < kTile; ++l) hv[l] = hs[l];
+      }
+    } else {
+      for (int l = 0; l < kTile; ++l) {
+        xv[l] = 0.0f;
+        hv[l] = 1.0f;
+      }
+      for (int l = lo; l < hi; ++l) xv[l] = S::load(x[local0 + l]);
+      if (HAS_H) {
+        for (int l = lo; l < hi; ++l) hv[l] = h[local0 + l];
+      }
     }
     for (int64_t r = 0; r < prog.n_rounds; ++r) {
       for (int l = 0; l < kTile; ++l) {
@@ -160,13 +172,29 @@ static void process_chunk(const Job& job, int64_t chunk) {
         for (int l = 0; l < kTile; ++l) xv[l] = y[l];
       }
     }
-    if (S::kRoundsDown) {
-      for (int l = lo; l < hi; ++l) x[local0 + l] = raw[l];
+    if (full) {
+      Raw* __restrict xd = x + local0;
+      if (S::kRoundsDown) {
+#pragma omp simd
+        for (int l = 0; l < kTile; ++l) xd[l] = raw[l];
+      } else {
+#pragma omp simd
+        for (int l = 0; l < kTile; ++l) xd[l] = static_cast<Raw>(xv[l]);
+      }
+      if (HAS_H && RULE != kRuleNone) {
+        float* __restrict hd = h + local0;
+#pragma omp simd
+        for (int l = 0; l < kTile; ++l) hd[l] = hv[l];
+      }
     } else {
-      for (int l = lo; l < hi; ++l) x[local0 + l] = static_cast<Raw>(xv[l]);
-    }
-    if (HAS_H && RULE != kRuleNone) {
-      for (int l = lo; l < hi; ++l) h[local0 + l] = hv[l];
+      if (S::kRoundsDown) {
+        for (int l = lo; l < hi; ++l) x[local0 + l] = raw[l];
+      } else {
+        for (int l = lo; l < hi; ++l) x[local0 + l] = static_cast<Raw>(xv[l]);
+      }
+      if (HAS_H && RULE != kRuleNone) {
+        for (int l = lo; l < hi; ++l) h[local0 + l] = hv[l];
+      }
     }
   }
 }
