@@ -30,6 +30,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="fashion_mnist")
     p.add_argument("--model", default=None)
+    p.add_argument("--data-dir", default=None, help="local task data (else $HISO_DATA_DIR, else the hub)")
     p.add_argument("--methods", nargs="+", default=["hiso", "decomfl"])
     p.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     p.add_argument("--rounds", type=int, default=300)
@@ -55,7 +56,7 @@ def main() -> int:
     for method in args.methods:
         for lr in args.lrs:
             cfg = SimulationConfig(
-                task=args.task, model=args.model, method=method, rounds=args.rounds, n_clients=args.n_clients,
+                task=args.task, model=args.model, data_dir=args.data_dir, method=method, rounds=args.rounds, n_clients=args.n_clients,
                 clients_per_round=args.clients_per_round, local_steps=args.local_steps,
                 num_directions=args.num_directions, lr=lr, mu=args.mu, batch_size=args.batch_size,
                 split=args.split, eval_every=args.eval_every, num_train=args.num_train, num_eval=args.num_eval,
