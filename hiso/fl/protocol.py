@@ -23,7 +23,7 @@ import logging
 import math
 import secrets
 import statistics
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -85,7 +85,7 @@ class FLConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "FLConfig":
+    def from_json(cls, text: str) -> FLConfig:
         return cls(**json.loads(text))
 
 
@@ -290,6 +290,24 @@ class Server:
         self._replies[reply.client] = reply
         return True
 
+    def record_failure(self, client: int, reason: str) -> None:
+        """Log that a sampled client of the open round gave no usable answer (a transport error, a timeout)."""
+        if self._open is None:
+            raise RuntimeError("no round is open")
+        self.rejections.append((self._open[0], int(client), reason))
+        log.warning("round %d: no answer from client %d: %s", self._open[0], client, reason)
+
+    def resync(self, client: int, applied: int) -> None:
+        """Record how many log records a client reports it holds (a restarted client holds none).
+
+        Only which catch-up records the client is sent next depends on it; the log and the model do not.
+        """
+        if not 0 <= client < self.n_clients:
+            raise ValueError(f"client {client} is not in [0, {self.n_clients})")
+        if not 0 <= applied <= self.round:
+            raise ValueError(f"client {client} reports {applied} records; the log has {self.round}")
+        self.client_round[client] = int(applied)
+
     def _check(self, reply: ClientReply, rnd: int, clients: list[int]) -> str | None:
         c = self.config
         if reply.round != rnd:
@@ -359,7 +377,7 @@ class Server:
         return len(head).to_bytes(4, "little") + head + len(self.records).to_bytes(4, "little") + body
 
     @classmethod
-    def restore(cls, blob: bytes, replica: Replica | None = None) -> "Server":
+    def restore(cls, blob: bytes, replica: Replica | None = None) -> Server:
         """Rebuild a server from a checkpoint; a given replica (at the initial weights) replays the whole log."""
         n = int.from_bytes(blob[:4], "little")
         head = json.loads(blob[4:4 + n])
