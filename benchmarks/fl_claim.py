@@ -84,7 +84,8 @@ def main() -> int:
 
     stamp = dt.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"{stamp}-{args.task}-claim-{args.rounds}r")
+    seed_tag = f"-seed{args.seed}" if args.seed else ""
+    base = os.path.join(args.out, f"{stamp}-{args.task}-claim-{args.rounds}r{seed_tag}")
     settings = dict(vars(args), out=os.path.relpath(args.out))  # no machine paths in committed results
     conditions = dict(date=stamp, command=" ".join(["python"] + sys.argv), python=platform.python_version(),
                       torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads(),

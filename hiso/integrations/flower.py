@@ -415,14 +415,14 @@ def task_server_main(grid: Grid, context: Context, defaults: SimulationConfig | 
                     experiment_seed=config.seed if deterministic else None)
     out = run_config.get("out") or None
     metrics: list[dict] = []
-    totals = {"up": 0, "down": 0}
+    totals = {"up": 0, "down": 0, "resent": 0}
     start = time.perf_counter()
 
     def evaluate(rnd: int) -> None:
         res = setup.task.evaluate(setup.model, setup.eval_batches)
         row = {"round": rnd, "method": config.method, "accuracy": res.accuracy, "eval_loss": res.loss,
                "bytes_up": totals["up"], "bytes_down": totals["down"], "rejections": len(server.rejections),
-               "seconds": time.perf_counter() - start}
+               "resent": totals["resent"], "seconds": time.perf_counter() - start}
         metrics.append(row)
         log.info("hiso round %d: %s accuracy %.4f, eval loss %.4f, %d B up / %d B down so far, %d rejected",
                  rnd, config.method, res.accuracy, res.loss, totals["up"], totals["down"], len(server.rejections))
@@ -434,6 +434,7 @@ def task_server_main(grid: Grid, context: Context, defaults: SimulationConfig | 
     def on_round(srv: Server, traffic: RoundTraffic) -> None:
         totals["up"] += traffic.bytes_up
         totals["down"] += traffic.bytes_down
+        totals["resent"] += traffic.resent
         if traffic.iteration % config.eval_every == 0 or traffic.iteration == config.rounds:
             evaluate(traffic.iteration)
 
