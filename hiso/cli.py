@@ -97,8 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         from hiso_kernels.info import report
 
         print(report())
+        print(integrations_report())
         return 0
     return train(args)
+
+
+def integrations_report() -> str:
+    """Which optional integrations are installed (without importing them)."""
+    from importlib import metadata
+
+    lines = ["integrations:"]
+    for dist, what in (("transformers", "hiso.integrations.hf, text tasks"), ("flwr", "hiso.integrations.flower"),
+                       ("ray", "Flower's simulation runtime (flwr run on one machine)")):
+        try:
+            lines.append(f"  {dist} {metadata.version(dist)}: {what}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"  {dist} not installed: {what} unavailable")
+    return "\n".join(lines)
 
 
 def train(args) -> int:

@@ -201,3 +201,9 @@ def test_task_app_equals_the_in_process_simulation():
     assert [m["accuracy"] for m in metrics] == [m["accuracy"] for m in sim]
     assert [m["eval_loss"] for m in metrics] == [m["eval_loss"] for m in sim]
     assert [m["bytes_up"] for m in metrics] == [m["bytes_up"] for m in sim]
+
+
+def test_hiso_info_lists_flower():
+    from hiso.cli import integrations_report
+
+    assert f"flwr {flwr.__version__}: hiso.integrations.flower" in integrations_report()
