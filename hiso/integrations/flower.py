@@ -100,7 +100,8 @@ def handle_assignment(message: Message, context: Context, make_client: Callable[
     if first == applied:
         reply = client.handle(dataclasses.replace(assignment, catch_up=needed))
         answer["reply"] = reply.encode()
-    # else: a gap (restarted process, lost assignment): report what we hold and sit this round out
+    # else a gap (a restarted process, a lost assignment): no scalars, only how many records we hold; the server
+    # sends the round again with the records from there
     answer["applied"] = client.replica.applied
     return Message(RecordDict({RECORD: ConfigRecord(answer)}), reply_to=message)
 
