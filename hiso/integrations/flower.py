@@ -10,10 +10,11 @@ What this layer adds to the protocol, because a real deployment needs it:
 
 * Resident models. Flower may run a ClientApp per message; the model and H of a node stay in a process-wide cache
   keyed by (run, node), so a node pays the model load once. A node whose process restarted (or that missed an
-  assignment) holds fewer records than the server expects: it answers ``applied = n`` without scalars, sits the
-  round out, and is sent the records from n onwards the next time it is sampled.
-* Same starting point. Every replica must start from the same weights. On first contact (and after a failed check)
-  the server asks for a 16-byte digest of the node's initial parameters and rejects the node until it matches.
+  assignment) holds fewer records than the server expects: it answers ``applied = n`` without scalars, and the
+  server sends it the round again, in the same round, with the records from n on.
+* Same starting point. Every replica must start from the same weights. A node sends a 16-byte digest of its initial
+  parameters on first contact, whenever it holds no record yet (a restart) and when asked; the server ignores its
+  answers until the digest matches its own.
 * Node identity is Flower's: the server maps its sorted node ids to client indices 0..n-1, and a reply counts only
   for the node Flower says sent it.
 
