@@ -13,9 +13,9 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from hiso.fl import Client, FLConfig, Replica, Server  # noqa: E402
-from hiso.fl.messages import REPLY_OVERHEAD  # noqa: E402
-from hiso.integrations import flower as hf  # noqa: E402
+from hiso.fl import Client, FLConfig, Replica, Server
+from hiso.fl.messages import REPLY_OVERHEAD
+from hiso.integrations import flower as hf
 
 N_NODES, PER_ROUND, ROUNDS = 4, 2, 6
 CONFIG = FLConfig(method="hiso", lr=2e-2, mu=1e-3, local_steps=2, num_directions=3)

@@ -182,10 +182,10 @@ def run_server(
                     log.warning("round %d: ignored a reply from node %s", rnd, reply.metadata.src_node_id)
                     continue
                 answered.add(client)
-                outcome = _take_reply(server, reply, client, initial_digest, verified, last_try=attempt == 1)
-                if not isinstance(outcome, bool):  # behind: holds `outcome` records
-                    behind[client] = dataclasses.replace(pending[client], catch_up=tuple(server.records[outcome:]))
-                elif outcome:
+                outcome, held = _take_reply(server, reply, client, initial_digest, verified, last_try=attempt == 1)
+                if outcome == "behind":
+                    behind[client] = dataclasses.replace(pending[client], catch_up=tuple(server.records[held:]))
+                elif outcome == "accepted":
                     stats.accepted += 1
                     stats.bytes_up += len(reply.content[RECORD]["reply"])
             for client in pending:
@@ -203,20 +203,21 @@ def run_server(
     return traffic
 
 
-def _take_reply(server: Server, reply: Message, client: int, initial_digest, verified, last_try: bool) -> bool | int:
-    """Check one Flower reply and submit its scalars: True if accepted, False if rejected (reason logged), or the
-    number of records the node holds if it has fallen behind and should be sent the round again."""
+def _take_reply(server: Server, reply: Message, client: int, initial_digest, verified,
+                last_try: bool) -> tuple[str, int]:
+    """Check one Flower reply and submit its scalars. Returns ("accepted" | "rejected" | "behind", records the node
+    holds); "rejected" reasons go to ``server.rejections``; a node "behind" should be sent the round again."""
     if reply.has_error():
         server.record_failure(client, f"Flower error {reply.error.code}: {reply.error.reason}")
-        return False
+        return "rejected", -1
     if RECORD not in reply.content:
         server.record_failure(client, f"reply without the {RECORD!r} record")
-        return False
+        return "rejected", -1
     content = reply.content[RECORD]
     applied = content.get("applied")
     if not isinstance(applied, int) or isinstance(applied, bool) or not 0 <= applied <= server.round:
         server.record_failure(client, f"reply with an invalid record count {applied!r}")
-        return False
+        return "rejected", -1
     server.resync(client, applied)
     if "initial" in content or not verified[client]:
         got = content.get("initial")
@@ -225,13 +226,13 @@ def _take_reply(server: Server, reply: Message, client: int, initial_digest, ver
             shown = got.hex() if isinstance(got, bytes) else got
             server.record_failure(client, f"initial weights differ from the server's (digest {shown}, expected "
                                           f"{initial_digest.hex()})")
-            return False
+            return "rejected", applied
     if "reply" not in content:
         if not last_try:
-            return applied
+            return "behind", applied
         server.record_failure(client, f"holds {applied} records and sent no scalars")
-        return False
-    return server.submit(bytes(content["reply"]), sender=client)
+        return "rejected", applied
+    return ("accepted" if server.submit(bytes(content["reply"]), sender=client) else "rejected"), applied
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float = 0.5) -> list[int]:
