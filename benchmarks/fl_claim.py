@@ -3,9 +3,12 @@
 For each method, every learning rate of the same grid is run with the same data split, model initialisation and
 seeds; the method's best learning rate is the one with the highest final accuracy. The claim's ratio is
   rounds DeComFL needs to reach its own final accuracy / rounds HiSo needs to reach DeComFL's final accuracy
-(evaluated every ``eval_every`` rounds). Writes ``<date>-<task>-claim.{json,md,png}`` to the results folder.
+(evaluated every ``eval_every`` rounds). Writes ``<date>-<task>-claim-<rounds>r.{json,md,png}`` to the results folder.
 
     python benchmarks/fl_claim.py --task fashion_mnist --rounds 300 --lrs 3e-4 1e-3 3e-3 1e-2 3e-2
+
+``--extend A.json B.json`` reuses the runs of earlier results with the same settings (a grid run in parts, or
+widened later): only the (method, lr) pairs not found there are run.
 """
 
 from __future__ import annotations
@@ -48,13 +51,16 @@ def main() -> int:
     p.add_argument("--beta", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--extend", nargs="+", default=[], help="earlier results (.json) whose runs to reuse")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    runs = {}
+    runs, earlier_commands = reuse_runs(args)
     t0 = time.time()
     for method in args.methods:
         for lr in args.lrs:
+            if f"{method}@{lr:g}" in runs:
+                continue
             cfg = SimulationConfig(
                 task=args.task, model=args.model, data_dir=args.data_dir, method=method, rounds=args.rounds, n_clients=args.n_clients,
                 clients_per_round=args.clients_per_round, local_steps=args.local_steps,
@@ -69,6 +75,7 @@ def main() -> int:
             print(f"{method:8s} lr {lr:<8g} final acc {rows[-1]['accuracy']:.4f}  best {max(r['accuracy'] for r in rows):.4f}"
                   f"  ({rows[-1]['seconds']:.0f} s)", flush=True)
 
+    runs = {f"{m}@{lr:g}": runs[f"{m}@{lr:g}"] for m in args.methods for lr in args.lrs}  # the grid asked for
     best = {}
     for method in args.methods:
         cands = [(rows[-1]["accuracy"], key) for key, rows in runs.items() if key.startswith(method + "@")]
@@ -87,13 +94,16 @@ def main() -> int:
     seed_tag = f"-seed{args.seed}" if args.seed else ""
     base = os.path.join(args.out, f"{stamp}-{args.task}-claim-{args.rounds}r{seed_tag}")
     settings = dict(vars(args), out=os.path.relpath(args.out))  # no machine paths in committed results
-    conditions = dict(date=stamp, command=" ".join(["python"] + sys.argv), python=platform.python_version(),
+    conditions = dict(date=stamp, command=recorded_command(sys.argv), earlier_commands=earlier_commands,
+                      python=platform.python_version(),
                       torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads(),
                       seconds=time.time() - t0, settings=settings)
     with open(base + ".json", "w") as fh:
         json.dump(dict(conditions=conditions, result=result, runs=runs), fh, indent=1)
-    lines = [f"# {args.task}: HiSo vs DeComFL ({stamp})", "", f"Command: `{conditions['command']}`", "",
-             "| method | lr | final acc | best acc |", "|---|---|---|---|"]
+    lines = [f"# {args.task}: HiSo vs DeComFL ({stamp})", "", f"Command: `{conditions['command']}`", ""]
+    if earlier_commands:
+        lines += ["Runs reused from:", ""] + [f"- `{c}`" for c in earlier_commands] + [""]
+    lines += ["| method | lr | final acc | best acc |", "|---|---|---|---|"]
     for key, rows in runs.items():
         m, lr = key.split("@")
         mark = " (best)" if best.get(m) == key else ""
@@ -107,6 +117,43 @@ def main() -> int:
     plot([r for key in best.values() for r in runs[key]], base + ".png")
     print("\n".join(lines))
     return 0
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command as run, without machine paths: --out is dropped (it does not change a run) and --extend files
+    are named by their file names."""
+    out, skip, extending = ["python", argv[0]], False, False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        if a.startswith("--"):
+            extending = a == "--extend"
+        out.append(os.path.basename(a) if extending and not a.startswith("--") else a)
+    return " ".join(out)
+
+
+# settings that must agree for runs to be reused (everything that changes a run; not the grid or the output)
+_NOT_COMPARED = {"lrs", "methods", "out", "extend"}
+
+
+def reuse_runs(args) -> tuple[dict, list[str]]:
+    runs, commands = {}, []
+    mine = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}
+    for path in args.extend:
+        with open(path) as fh:
+            doc = json.load(fh)
+        theirs = {k: v for k, v in doc["conditions"]["settings"].items() if k not in _NOT_COMPARED}
+        if theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise SystemExit(f"fl_claim: {path} was run with other settings ({', '.join(diff)}); cannot reuse it")
+        runs.update(doc["runs"])
+        for command in [doc["conditions"]["command"], *doc["conditions"].get("earlier_commands", [])]:
+            commands.append(recorded_command(command.split()[1:]))  # older results recorded --out
+    return runs, commands
 
 
 if __name__ == "__main__":
