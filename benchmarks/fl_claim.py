@@ -93,7 +93,8 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     seed_tag = f"-seed{args.seed}" if args.seed else ""
     base = os.path.join(args.out, f"{stamp}-{args.task}-claim-{args.rounds}r{seed_tag}")
-    settings = dict(vars(args), out=os.path.relpath(args.out))  # no machine paths in committed results
+    # no machine paths in committed results
+    settings = dict(vars(args), out=os.path.relpath(args.out), extend=[os.path.basename(e) for e in args.extend])
     conditions = dict(date=stamp, command=recorded_command(sys.argv), earlier_commands=earlier_commands,
                       python=platform.python_version(),
                       torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads(),
