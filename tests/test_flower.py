@@ -7,6 +7,7 @@ the same log and the same bits, also when a node restarts, fails or starts from 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -180,7 +181,7 @@ def test_run_config_maps_to_the_simulation_config():
 
 
 @pytest.mark.slow
-def test_task_app_equals_the_in_process_simulation():
+def test_task_app_equals_the_in_process_simulation(tmp_path):
     """The shipped Flower App (Fashion-MNIST) gives exactly what ``hiso train``'s simulator gives."""
     pytest.importorskip("hiso.tasks")
     from hiso.fl import simulation
@@ -191,11 +192,11 @@ def test_task_app_equals_the_in_process_simulation():
         pytest.skip(f"Fashion-MNIST not available: {exc}")
     run_config = {"num-server-rounds": 4, "n-clients": 3, "clients-per-round": 2, "num-directions": 2,
                   "num-train": 120, "num-eval": 60, "batch-size": 16, "eval-every": 2, "lr": 3e-3,
-                  "deterministic-seeds": True}
+                  "deterministic-seeds": True, "out": str(tmp_path)}
     hf.drop_resident()
     grid = hf.InProcessGrid(hf.client_app, 3, run_config=run_config, node_ids=[5, 9, 40])  # sorted = partitions
-    metrics = hf.task_server_main(grid, hf.Context(run_id=1, node_id=0, node_config={}, state=hf.RecordDict(),
-                                                   run_config=run_config))
+    grid.run_server_app(hf.server_app)  # the App's own ServerApp, as Flower's runtime would call it
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     sim = simulation.run(dataclasses.replace(hf.config_from_run_config(run_config), n_clients=3))
     assert [m["round"] for m in metrics] == [m["round"] for m in sim] == [0, 2, 4]
     assert [m["accuracy"] for m in metrics] == [m["accuracy"] for m in sim]

@@ -14,6 +14,7 @@ clients' data, one step per round) and "fedavg" (first-order local SGD; the mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable, Iterator
@@ -92,8 +93,8 @@ class Setup:
     eval_batches: list
 
 
-def build(config: SimulationConfig) -> Setup:
-    """Task, model (initialised from the seed) and client partitions."""
+def build(config: SimulationConfig, *, with_eval: bool = True) -> Setup:
+    """Task, model (initialised from the seed), client partitions and (``with_eval``) the evaluation batches."""
     from .. import tasks
 
     dtype = getattr(torch, config.dtype)
@@ -113,7 +114,8 @@ def build(config: SimulationConfig) -> Setup:
     parts = split_clients(task.train_labels, config.n_clients, scheme=config.split, alpha=config.alpha,
                           seed=config.seed)
     client_data = [task.train_examples.subset(p) for p in parts]
-    eval_batches = [b.to(config.device) for b in task.make_batches(task.eval_examples, max(64, config.batch_size))]
+    eval_batches = ([b.to(config.device) for b in task.make_batches(task.eval_examples, max(64, config.batch_size))]
+                    if with_eval else [])
     return Setup(task, model, client_data, eval_batches)
 
 
@@ -135,6 +137,11 @@ class BatchStream:
             self._it = iter([b.to(self.device) for b in batches])
             return next(self._it)
 
+    def next_closure(self, model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        """Draw the next batch; return the closure of the model's loss on it (what a ZO step evaluates 2P times)."""
+        batch = self.next()
+        return lambda: self.task.loss(model, batch)
+
 
 def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = None,
         setup: Setup | None = None) -> list[dict]:
@@ -143,7 +150,6 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
     task, model = setup.task, setup.model
     streams = [BatchStream(task, ex, config.batch_size, config.seed * 1000 + i, config.device)
                for i, ex in enumerate(setup.client_data)]
-    closure_of = lambda stream: (lambda b=stream.next(): task.loss(model, b))  # noqa: E731
     metrics: list[dict] = []
     traffic = {"up": 0, "down": 0}  # bytes, all clients together
     start = time.perf_counter()
@@ -172,7 +178,7 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
                 traffic["down"] += len(assignment.encode())
                 stream = streams[assignment.client]
                 try:
-                    scalars, curvature, loss = local_steps(replica, assignment.seeds, lambda s=stream: closure_of(s))
+                    scalars, curvature, loss = local_steps(replica, assignment.seeds, functools.partial(stream.next_closure, model))
                 except ValueError as exc:  # e.g. a non-finite loss after divergence: this client sends nothing
                     failures.append((assignment.round, assignment.client, str(exc)))
                     continue
@@ -193,7 +199,7 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
                     weight_decay=config.weight_decay, seed=config.seed, backend=config.backend,
                     record_history=False)
         for rnd in range(1, config.rounds + 1):
-            train_losses.append(opt.step(closure_of(union)))
+            train_losses.append(opt.step(union.next_closure(model)))
             if rnd % config.eval_every == 0 or rnd == config.rounds:
                 evaluate(rnd)
     else:

@@ -27,6 +27,7 @@ envelope (message ids, timestamps, metadata) comes on top and is measured by :fu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -388,16 +389,11 @@ def task_client(context: Context, defaults: SimulationConfig | None = None) -> C
     pid, num = _partition(context)
     config = dataclasses.replace(config_from_run_config(context.run_config, defaults), n_clients=num,
                                  clients_per_round=1)
-    setup = build(config)
+    setup = build(config, with_eval=False)  # the server evaluates; a client only trains
     stream = BatchStream(setup.task, setup.client_data[pid], config.batch_size, config.seed * 1000 + pid,
                          config.device)
-    model, task = setup.model, setup.task
-
-    def next_closure():  # one batch per local step; the closure evaluates the loss on it (called 2P times)
-        batch = stream.next()
-        return lambda: task.loss(model, batch)
-
-    return Client(pid, Replica(model.parameters(), config.fl_config()), next_closure)
+    return Client(pid, Replica(setup.model.parameters(), config.fl_config()),
+                  functools.partial(stream.next_closure, setup.model))
 
 
 def task_server_main(grid: Grid, context: Context, defaults: SimulationConfig | None = None) -> list[dict]:
