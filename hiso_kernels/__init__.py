@@ -15,7 +15,7 @@ from __future__ import annotations
 from ._program import Round
 from ._version import __version__
 from .backends import available_backends
-from .ops import directions, hiso_round_, perturb_, replay_, zo_update_
+from .ops import directions, global_offsets, hiso_round_, perturb_, replay_, zo_update_
 from .spec import SPEC_VERSION, CurvatureRule, Distribution
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Round",
     "available_backends",
     "directions",
+    "global_offsets",
     "hiso_round_",
     "perturb_",
     "replay_",

@@ -217,6 +217,28 @@ def _dist_arg(distribution) -> str:
     return Distribution.parse(distribution).name.lower()
 
 
+def _renamed_rule(curvature_rule, rule, default):
+    """``rule=`` was renamed ``curvature_rule=`` (0.2); the old keyword still works, with a DeprecationWarning."""
+    if rule is None:
+        return curvature_rule
+    import warnings
+
+    warnings.warn("hiso_kernels: the keyword rule= is deprecated; use curvature_rule=", DeprecationWarning,
+                  stacklevel=3)
+    if curvature_rule is not None and curvature_rule != default:
+        raise TypeError("pass curvature_rule= or its deprecated name rule=, not both")
+    return rule
+
+
+def global_offsets(params, offset: int = 0) -> list[int]:
+    """Global index of each tensor's first element when ``params`` form one flat vector starting at ``offset``.
+
+    Element k of ``params[i]`` has the global index ``global_offsets(params, offset)[i] + k``; directions depend on
+    this index only, so a shard that passes its own offset draws the directions of the whole model.
+    """
+    return v.global_offsets(v.tensor_list("params", params), offset)
+
+
 def _rule_arg(rule) -> str:
     return CurvatureRule.parse(rule).name.lower()
 
@@ -271,7 +293,7 @@ def zo_update_(
     n = len(coefficients)
     rnd = Round(_seq("seeds", seeds, n), _seq("directions", directions, n), coefficients, weight_decay=weight_decay)
     replay_(
-        params, [rnd], hessian=hessian, rule="none", offset=offset, distribution=distribution,
+        params, [rnd], hessian=hessian, curvature_rule="none", offset=offset, distribution=distribution,
         stochastic_rounding=stochastic_rounding, backend=backend, check_hessian=check_hessian,
     )
 
@@ -286,20 +308,23 @@ def hiso_round_(
     *,
     beta: float = DEFAULT_BETA,
     h_min: float = DEFAULT_H_MIN,
-    rule: str = "gsq",
+    curvature_rule: str = "gsq",
     offset: int = 0,
     weight_decay: float = 0.0,
     distribution: str = "gaussian",
     stochastic_rounding: bool = False,
     backend: str | None = None,
     check_hessian: bool = True,
+    rule: str | None = None,
 ) -> None:
     """One HiSo round in one pass: the x update with the old H, then the H update (design section 1).
 
     x <- x - (sum_i a_i u_i / sqrt(H) + weight_decay x);   H <- max(beta H + (1 - beta) v, h_min) with
     v = (sum_i b_i u_i / sqrt(H))^2 for rule "gsq" (HiSo: b_i = c_i / P of the round's last step) or
     v = H sum_i b_i (u_i^2 - 1) for rule "stein" (b_i = second differences / P).
+    ``rule=`` is the deprecated name of ``curvature_rule=``.
     """
+    curvature_rule = _renamed_rule(curvature_rule, rule, default="gsq")
     if hessian is None:
         raise ValueError("hiso_round_ needs hessian (fp32, > 0; start it at ones)")
     coefficients = _seq("coefficients", coefficients)
@@ -309,7 +334,7 @@ def hiso_round_(
         _seq("curvature_coefficients", curvature_coefficients), weight_decay=weight_decay,
     )
     replay_(
-        params, [rnd], hessian=hessian, rule=rule, beta=beta, h_min=h_min, offset=offset,
+        params, [rnd], hessian=hessian, curvature_rule=curvature_rule, beta=beta, h_min=h_min, offset=offset,
         distribution=distribution, stochastic_rounding=stochastic_rounding, backend=backend,
         check_hessian=check_hessian,
     )
@@ -320,7 +345,7 @@ def replay_(
     rounds: Sequence[Round],
     *,
     hessian=None,
-    rule: str | None = None,
+    curvature_rule: str | None = None,
     beta: float = DEFAULT_BETA,
     h_min: float = DEFAULT_H_MIN,
     offset: int = 0,
@@ -328,11 +353,14 @@ def replay_(
     stochastic_rounding: bool = False,
     backend: str | None = None,
     check_hessian: bool = True,
+    rule: str | None = None,
 ) -> None:
     """Apply many rounds in one pass over memory; equal, bit for bit, to applying them one by one.
 
-    ``rule`` defaults to "gsq" when ``hessian`` is given (H is updated after each round) and "none" otherwise.
+    ``curvature_rule`` defaults to "gsq" when ``hessian`` is given (H is updated after each round) and "none"
+    otherwise. ``rule=`` is the deprecated name of ``curvature_rule=``.
     """
+    curvature_rule = _renamed_rule(curvature_rule, rule, default=None)
     if isinstance(rounds, Round):
         rounds = [rounds]
     if isinstance(rounds, (str, bytes)) or not hasattr(rounds, "__iter__"):
@@ -340,8 +368,8 @@ def replay_(
     rounds = list(rounds)
     if not rounds:
         raise ValueError("rounds is empty")
-    if rule is None:
-        rule = "gsq" if hessian is not None else "none"
+    if curvature_rule is None:
+        curvature_rule = "gsq" if hessian is not None else "none"
     seeds, dirs, coefs, curv, sizes, wds = [], [], [], [], [], []
     any_curv = False
     for r, rnd in enumerate(rounds):
@@ -355,7 +383,7 @@ def replay_(
         wds.append(wd_r)
     torch.ops.hiso.replay_(
         _params_arg(params), _hessian_arg(hessian), seeds, dirs, coefs, curv if any_curv else [], sizes, wds,
-        _offset_arg(offset), _rule_arg(rule), v.check_f32("beta", beta), v.check_f32("h_min", h_min),
+        _offset_arg(offset), _rule_arg(curvature_rule), v.check_f32("beta", beta), v.check_f32("h_min", h_min),
         _dist_arg(distribution), _flag("stochastic_rounding", stochastic_rounding), backend,
         _flag("check_hessian", check_hessian),
     )

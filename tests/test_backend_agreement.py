@@ -46,7 +46,7 @@ def _round_gsq(ps, h, **kw):
 
 
 def _round_stein(ps, h, **kw):
-    hk.hiso_round_(ps, h, SEEDS[6:8], [0, 1], [0.1, -0.1], [3.0, -1.0], rule="stein", h_min=1e-3,
+    hk.hiso_round_(ps, h, SEEDS[6:8], [0, 1], [0.1, -0.1], [3.0, -1.0], curvature_rule="stein", h_min=1e-3,
                    weight_decay=1e-3, **kw)
 
 

@@ -35,7 +35,7 @@ def run_rule(rule: str, beta: float, h_min: float, steps: int, lr: float):
         c = float((A * x * z).sum())
         delta = float(0.5 * (A * z * z).sum())
         b = c if rule == "gsq" else delta
-        hk.hiso_round_([x], [h], 1000 + t, 0, [lr * c], [b], rule=rule, beta=beta, h_min=h_min, backend="cpu",
+        hk.hiso_round_([x], [h], 1000 + t, 0, [lr * c], [b], curvature_rule=rule, beta=beta, h_min=h_min, backend="cpu",
                        check_hessian=False)
     return x, h
 

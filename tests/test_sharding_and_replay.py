@@ -77,7 +77,7 @@ def test_replay_equals_rounds_one_by_one(backend, dtype, mode, sr):
     rs = rounds(12, mode != "no_h")
     kw = dict(offset=2**33 + 1, stochastic_rounding=sr, backend=backend)
     if mode != "no_h":
-        kw.update(rule=mode, beta=0.9, h_min=1e-4)
+        kw.update(curvature_rule=mode, beta=0.9, h_min=1e-4)
     ap, ah = state(dtype)
     hk.replay_(ap, rs, hessian=ah if mode != "no_h" else None, **kw)
     bp, bh = state(dtype)

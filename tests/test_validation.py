@@ -133,13 +133,13 @@ class TestRejected:
                                                              backend=backend))
 
     def test_curvature_rule_needs_hessian(self, backend):
-        expect_error(ValueError, lambda p, h: hk.replay_(p, [Round([1], [0], [0.1], [1.0])], rule="gsq",
+        expect_error(ValueError, lambda p, h: hk.replay_(p, [Round([1], [0], [0.1], [1.0])], curvature_rule="gsq",
                                                          backend=backend), "hessian")
         expect_error(ValueError, lambda p, h: hk.hiso_round_(p, None, 1, 0, [0.1], [1.0], backend=backend))
 
     def test_unknown_names(self, backend):
         expect_error(ValueError, lambda p, h: hk.perturb_(p, 1, 1.0, distribution="uniform", backend=backend))
-        expect_error(ValueError, lambda p, h: hk.hiso_round_(p, h, 1, 0, [0.1], [1.0], rule="adam",
+        expect_error(ValueError, lambda p, h: hk.hiso_round_(p, h, 1, 0, [0.1], [1.0], curvature_rule="adam",
                                                              backend=backend))
 
     def test_flag_types(self, backend):
@@ -160,3 +160,19 @@ def test_environment_override(monkeypatch):
 
     assert select_backend(torch.device("cpu")).name == "torch"
     assert select_backend(torch.device("cpu"), "auto").name in ("cpu", "torch")
+
+
+def test_deprecated_rule_keyword_and_public_offsets():
+    """``rule=`` still works (with a DeprecationWarning) and means ``curvature_rule=``; ``global_offsets`` is public."""
+    a = [torch.zeros(5), torch.zeros(3)]
+    b = [torch.zeros(5), torch.zeros(3)]
+    ha = [torch.ones(5), torch.ones(3)]
+    hb = [torch.ones(5), torch.ones(3)]
+    hk.hiso_round_(a, ha, 7, [0, 1], [0.1, 0.2], [0.3, 0.4], curvature_rule="stein", h_min=1e-3)
+    with pytest.warns(DeprecationWarning):
+        hk.hiso_round_(b, hb, 7, [0, 1], [0.1, 0.2], [0.3, 0.4], rule="stein", h_min=1e-3)
+    for x, y in zip(a + ha, b + hb):
+        assert torch.equal(x, y)
+    with pytest.raises(TypeError):
+        hk.replay_(a, [Round([1], [0], [0.1])], curvature_rule="none", rule="gsq")
+    assert hk.global_offsets(a, 10) == [10, 15]

@@ -126,7 +126,7 @@ class Replica:
             return
         c = self.config
         hk.replay_(self.params, [record_round(c, r) for r in records], hessian=self.hessian,
-                   rule=c.curvature if c.uses_hessian else "none", beta=c.beta, h_min=c.h_min,
+                   curvature_rule=c.curvature if c.uses_hessian else "none", beta=c.beta, h_min=c.h_min,
                    distribution=c.distribution, stochastic_rounding=c.stochastic_rounding, backend=c.backend,
                    check_hessian=False)
         self.applied += len(records)

@@ -192,7 +192,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._replay_group(params[lo:hi], None if hessian is None else hessian[lo:hi], rounds, offset)
 
     def _replay_group(self, params, hessian, rounds, offset) -> None:
-        hk.replay_(params, rounds, hessian=hessian, rule="none", offset=offset, distribution=self.distribution,
+        hk.replay_(params, rounds, hessian=hessian, curvature_rule="none", offset=offset, distribution=self.distribution,
                    stochastic_rounding=self.stochastic_rounding, backend=self.backend, check_hessian=False)
 
     @torch.no_grad()
@@ -281,7 +281,7 @@ class HiSo(ZOOptimizer):
         return a, b, wd
 
     def _replay_group(self, params, hessian, rounds, offset) -> None:
-        hk.replay_(params, rounds, hessian=hessian, rule=self.curvature, beta=self.beta, h_min=self.h_min,
+        hk.replay_(params, rounds, hessian=hessian, curvature_rule=self.curvature, beta=self.beta, h_min=self.h_min,
                    offset=offset, distribution=self.distribution, stochastic_rounding=self.stochastic_rounding,
                    backend=self.backend, check_hessian=False)
 
@@ -332,7 +332,7 @@ def estimate_scalars(
     def shift(tensors, h, offset, p, alphas):
         """Perturb by each alpha in turn (one fused pass: one round per alpha)."""
         rounds = [hk.Round([seed], [p], [-a]) for a in alphas]
-        hk.replay_(tensors, rounds, hessian=h, rule="none", offset=offset, **kw)
+        hk.replay_(tensors, rounds, hessian=h, curvature_rule="none", offset=offset, **kw)
 
     def op(p, alphas):
         return lambda views, h_views, offset: shift(views, h_views, offset, p, alphas)
