@@ -12,15 +12,16 @@ tables ``[methods.<name>]``, e.g. a learning rate), overridden by flags.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
 import sys
 import time
+
 import tomllib
 
 from .fl.simulation import METHODS, SimulationConfig
+from .reporting import bar, human_bytes, plot, summary_table, write_csv
 
 
 def _fields():
@@ -55,12 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="output folder (default: runs/<task>-<date-time>)")
     train.add_argument("--quiet", action="store_true", help="no progress lines")
     defaults = SimulationConfig()
-    for name, field in _fields().items():
+    for name in _fields():
         if name == "method":
             continue
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                           help=f"(default {getattr(defaults, name)!r})")
+        flags = [f"--{name.replace('_', '-')}"] + [f"--{old.replace('_', '-')}" for old, new in RENAMED.items()
+                                                   if new == name]
+        train.add_argument(*flags, dest=name, default=None, help=f"(default {getattr(defaults, name)!r})")
     return parser
+
+
+#: settings renamed in 0.2 (old name -> new name); the old names are still read from config files and flags
+RENAMED = {"curvature": "curvature_rule"}
+
+
+def _renamed(table: dict) -> dict:
+    return {RENAMED.get(k, k): v for k, v in table.items()}
 
 
 def load_settings(args) -> tuple[dict, list[str], dict]:
@@ -70,9 +80,9 @@ def load_settings(args) -> tuple[dict, list[str], dict]:
     if args.config:
         with open(args.config, "rb") as fh:
             doc = tomllib.load(fh)
-        base = dict(doc.get("train", {}))
+        base = _renamed(dict(doc.get("train", {})))
         methods = base.pop("methods", None)
-        per_method = {k: dict(v) for k, v in doc.get("methods", {}).items()}
+        per_method = {k: _renamed(dict(v)) for k, v in doc.get("methods", {}).items()}
         unknown = set(base) - set(_fields())
         for m, table in per_method.items():
             if m not in METHODS:
@@ -131,8 +141,7 @@ def train(args) -> int:
     with open(os.path.join(out, "config.json"), "w") as fh:
         json.dump([dataclasses.asdict(c) for c in configs], fh, indent=1)
     rows: list[dict] = []
-    jsonl = open(os.path.join(out, "metrics.jsonl"), "w")
-    try:
+    with open(os.path.join(out, "metrics.jsonl"), "w") as jsonl:
         for cfg in configs:
             print(f"== {cfg.method}: {cfg.task}, {cfg.rounds} rounds, {cfg.n_clients} clients "
                   f"({cfg.clients_per_round} per round), K={cfg.local_steps}, P={cfg.num_directions}, "
@@ -145,15 +154,13 @@ def train(args) -> int:
                 jsonl.write(json.dumps(row) + "\n")
                 jsonl.flush()
                 if not args.quiet:
-                    bar = _bar(row["round"] / cfg.rounds)
-                    print(f"  {bar} round {row['round']:>5}/{cfg.rounds}  acc {row['accuracy']:.4f}  "
-                          f"eval loss {row['eval_loss']:.4f}  up {_human(row['bytes_up'])}  "
+                    loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
+                    print(f"  {bar(row['round'] / cfg.rounds)} round {row['round']:>5}/{cfg.rounds}  "
+                          f"acc {row['accuracy']:.4f}  eval loss {loss}  up {human_bytes(row['bytes_up'])}  "
                           f"{row['seconds']:.0f}s", flush=True)
 
             run(cfg, on_eval=report, setup=setup)
-    finally:
-        jsonl.close()
-    _write_csv(rows, os.path.join(out, "metrics.csv"))
+    write_csv(rows, os.path.join(out, "metrics.csv"))
     table = summary_table(rows)
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write(table + "\n")
@@ -164,78 +171,6 @@ def train(args) -> int:
         print("(matplotlib not installed: no plot)")
     print(f"\nresults in {out}")
     return 0
-
-
-def _bar(frac: float, width: int = 20) -> str:
-    n = int(round(frac * width))
-    return "[" + "#" * n + "." * (width - n) + "]"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n}"
-
-
-def _write_csv(rows, path) -> None:
-    if not rows:
-        return
-    keys = list(rows[0])
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def rounds_to_reach(rows, method, target) -> int | None:
-    for r in rows:
-        if r["method"] == method and r["accuracy"] >= target:
-            return r["round"]
-    return None
-
-
-def summary_table(rows) -> str:
-    """Final accuracy, best accuracy, rounds to reach the other methods' final accuracy, and bytes."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    final = {m: [r for r in rows if r["method"] == m][-1] for m in methods}
-    lines = ["| method | lr | rounds | final acc | best acc | upload (all clients) | download | "
-             + " | ".join(f"rounds to {m}'s final" for m in methods) + " |",
-             "|" + "---|" * (7 + len(methods))]
-    for m in methods:
-        f = final[m]
-        best = max(r["accuracy"] for r in rows if r["method"] == m)
-        reach = [rounds_to_reach(rows, m, final[o]["accuracy"]) for o in methods]
-        lines.append(f"| {m} | {f['lr']:g} | {f['round']} | {f['accuracy']:.4f} | {best:.4f} | "
-                     f"{_human(f['bytes_up'])} | {_human(f['bytes_down'])} | "
-                     + " | ".join("-" if x is None else str(x) for x in reach) + " |")
-    return "\n".join(lines)
-
-
-def plot(rows, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == m]
-        ax1.plot([r["round"] for r in rs], [r["accuracy"] for r in rs], label=m)
-        if any(r["bytes_up"] for r in rs):
-            ax2.plot([max(r["bytes_up"], 1) for r in rs], [r["accuracy"] for r in rs], label=m)
-    ax1.set_xlabel("round")
-    ax1.set_ylabel("eval accuracy")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("bytes sent by clients (all, cumulative)")
-    ax2.set_ylabel("eval accuracy")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

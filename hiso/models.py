@@ -15,6 +15,7 @@ Needs ``transformers`` (tested with 5.24), and for GGUF files ``gguf`` and ``acc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -212,10 +213,8 @@ def _locate_wheel_file(spec: OfflineModel) -> Path:
 
 def _source_info(spec: OfflineModel, gguf: Path | None) -> dict[str, Any]:
     info: dict[str, Any] = {"format": _MARKER_FORMAT, **asdict(spec)}
-    try:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         info["version"] = importlib.metadata.version(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        pass
     if gguf is not None:
         info["size"] = gguf.stat().st_size
     info["transformers"] = importlib.metadata.version("transformers")  # provenance only

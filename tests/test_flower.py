@@ -14,9 +14,9 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from hiso.fl import Client, FLConfig, Replica, Server
-from hiso.fl.messages import REPLY_OVERHEAD
-from hiso.integrations import flower as hf
+from hiso.fl import Client, FLConfig, Replica, Server  # noqa: E402
+from hiso.fl.messages import REPLY_OVERHEAD  # noqa: E402
+from hiso.integrations import flower as hf  # noqa: E402
 
 N_NODES, PER_ROUND, ROUNDS = 4, 2, 6
 CONFIG = FLConfig(method="hiso", lr=2e-2, mu=1e-3, local_steps=2, num_directions=3)
@@ -153,7 +153,7 @@ def test_client_app_exception_is_logged_and_the_round_completes():
     configs = [{"partition-id": i, "num-partitions": N_NODES} for i in range(N_NODES)]
     configs[0]["explode"] = True
     grid = grid_with(configs)
-    broken = sorted(grid.get_node_ids()).index(list(grid.contexts)[0])
+    broken = sorted(grid.get_node_ids()).index(next(iter(grid.contexts)))
     server = new_server()
     traffic = hf.run_server(grid, server, ROUNDS)
     assert len(server.records) == ROUNDS  # every round had a valid reply from someone

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import types
+import typing
 import warnings
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_data_dir_forms_and_env(monkeypatch):
 @needs_data
 def test_first_rows_match_files():
     root = shared_data_dir()
-    train, eval_, _ = load_text_examples("sst2", root)
+    _, eval_, _ = load_text_examples("sst2", root)
     assert eval_[0].fields["sentence"] == "it 's a charming and often affecting journey ."  # trailing space stripped
     assert eval_[0].label == 1 and eval_[1].label == 0
     cb_train, _, _ = load_text_examples("cb", root)
@@ -137,7 +138,7 @@ def test_hub_path_with_a_stand_in_datasets_module(monkeypatch):
     calls = []
 
     class Split(list):
-        features = {"label": types.SimpleNamespace(names=["negative", "positive"])}
+        features: typing.ClassVar = {"label": types.SimpleNamespace(names=["negative", "positive"])}
 
     def load_dataset(path, config, split, cache_dir=None):
         calls.append((path, config, split))
@@ -171,7 +172,7 @@ def test_bad_data(tmp_path):
         examples_from_records(spec, [{"premise": "a", "label": 0}])
     with pytest.raises(ValueError, match="no examples"):
         examples_from_records(spec, [])
-    with pytest.raises(FileNotFoundError, match="train.jsonl and val.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"train\.jsonl and val\.jsonl"):
         load_text_examples("cb", tmp_path)
     (tmp_path / "cb").mkdir()
     (tmp_path / "cb" / "train.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "neutral"}\n{oops\n')

@@ -1,6 +1,7 @@
-"""Scalar-only federated zeroth-order training (DeComFL framework; HiSo's curvature on top).
+"""Scalar-only federated zeroth-order training: the DeComFL framework (arXiv 2405.15861) with HiSo's curvature
+(arXiv 2506.02370) on top.
 
-Round r (design section 1):
+Round r (``docs/architecture.md`` walks through it with the code):
 1. The server samples m of n clients and draws K seeds from a cryptographic source (only the server chooses seeds).
 2. Each sampled client catches up: it replays every round it missed from the log, x and H, in one fused pass.
 3. It runs K local ZO steps on its own data with the round's seeds and returns its K x P scalars.
@@ -23,6 +24,7 @@ import logging
 import math
 import secrets
 import statistics
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -30,8 +32,9 @@ import torch
 import hiso_kernels as hk
 from hiso_kernels import spec
 
+from ..optim.estimate import estimate_scalars
 from ..optim.exact_restore import perturb_with_undo
-from ..optim.zo import _offsets, estimate_scalars
+from ..optim.update import check_curvature_rule, needs_second_differences, step_round
 from .messages import ClientReply, RoundAssignment, RoundRecord, is_finite_block
 
 log = logging.getLogger("hiso.fl")
@@ -50,22 +53,24 @@ class FLConfig:
     num_directions: int = 5  # P
     difference: str = "central"
     distribution: str = "gaussian"
-    curvature: str = "gsq"  # HiSo's rule; "stein" sends second differences too
+    curvature_rule: str = "gsq"  # HiSo's rule; "stein" sends second differences too
     beta: float = 0.95
     h_min: float = 1e-8
     weight_decay: float = 0.0
     stochastic_rounding: bool = False
     backend: str | None = None
+    #: deprecated name of ``curvature_rule`` (constructor only)
+    curvature: dataclasses.InitVar[str | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, curvature):
+        if curvature is not None:
+            warnings.warn("FLConfig(curvature=) is deprecated; use curvature_rule=", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "curvature_rule", curvature)
         if self.method not in ("hiso", "decomfl"):
             raise ValueError(f"method must be 'hiso' or 'decomfl', got {self.method!r}")
         if not (1 <= self.local_steps <= 255 and 1 <= self.num_directions <= 255):
             raise ValueError("local_steps and num_directions must be in [1, 255]")
-        if self.curvature not in ("gsq", "stein"):
-            raise ValueError(f"curvature must be 'gsq' or 'stein', got {self.curvature!r}")
-        if self.curvature == "stein" and self.difference != "central":
-            raise ValueError("the stein curvature rule needs central differences")
+        check_curvature_rule(self.curvature_rule, self.difference)
         for name in ("lr", "mu", "beta", "h_min", "weight_decay"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -78,33 +83,29 @@ class FLConfig:
         return self.method == "hiso"
 
     @property
-    def sends_curvature(self) -> bool:
-        return self.uses_hessian and self.curvature == "stein"
+    def kernel_rule(self) -> str:
+        """The kernels' curvature rule of a round: HiSo's rule, or "none" (DeComFL: H = 1, no H update)."""
+        return self.curvature_rule if self.uses_hessian else "none"
+
+    @property
+    def sends_second_differences(self) -> bool:
+        return self.uses_hessian and needs_second_differences(self.curvature_rule)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> FLConfig:
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        if "curvature" in values:  # written before 0.2
+            values["curvature_rule"] = values.pop("curvature")
+        return cls(**values)
 
 
 def record_round(config: FLConfig, record: RoundRecord) -> hk.Round:
-    """The kernel round of a log record: the single definition of the coefficients, used by every replica."""
-    k_steps, p_dirs = record.local_steps, record.num_directions
-    seeds, dirs, a, b = [], [], [], []
-    for k in range(k_steps):
-        for p in range(p_dirs):
-            seeds.append(record.seeds[k])
-            dirs.append(p)
-            a.append(config.lr * record.scalars[k][p] / p_dirs)
-            if k == k_steps - 1:  # HiSo updates H from the round's last local step
-                src = record.curvature if config.curvature == "stein" else record.scalars
-                b.append(src[k][p] / p_dirs)
-            else:
-                b.append(0.0)
-    return hk.Round(seeds, dirs, a, b if config.uses_hessian else None,
-                    weight_decay=config.lr * config.weight_decay * k_steps)
+    """The kernel round of a log record (:func:`hiso.optim.update.step_round`), the same for every replica."""
+    return step_round(record.seeds, record.scalars, lr=config.lr, weight_decay=config.weight_decay,
+                      curvature_rule=config.kernel_rule, second_differences=record.second_differences)
 
 
 class Replica:
@@ -126,7 +127,7 @@ class Replica:
             return
         c = self.config
         hk.replay_(self.params, [record_round(c, r) for r in records], hessian=self.hessian,
-                   curvature_rule=c.curvature if c.uses_hessian else "none", beta=c.beta, h_min=c.h_min,
+                   curvature_rule=c.kernel_rule, beta=c.beta, h_min=c.h_min,
                    distribution=c.distribution, stochastic_rounding=c.stochastic_rounding, backend=c.backend,
                    check_hessian=False)
         self.applied += len(records)
@@ -155,12 +156,12 @@ class Client:
         if self.replica.applied != assignment.round:
             raise ValueError(f"client {self.id} is at round {self.replica.applied} after catch-up, "
                              f"the assignment is for round {assignment.round}")
-        scalars, curvature, _ = local_steps(self.replica, assignment.seeds, self.next_batch)
-        return ClientReply(assignment.round, self.id, scalars, curvature)
+        scalars, second, _ = run_local_steps(self.replica, assignment.seeds, self.next_batch)
+        return ClientReply(assignment.round, self.id, scalars, second)
 
 
-def local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple[tuple, tuple | None, float]:
-    """K local ZO steps from the replica's current x, returning (scalars, curvature scalars or None, mean loss);
+def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple[tuple, tuple | None, float]:
+    """K local ZO steps from the replica's current x, returning (scalars, second differences or None, mean loss);
     x and H come back exactly.
 
     Local updates between steps (K > 1) are applied with an undo log and reverted in reverse order afterwards, so
@@ -168,8 +169,8 @@ def local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple[tup
     """
     c = replica.config
     params, hessian = replica.params, replica.hessian
-    offsets = _offsets(params)
-    scalars, curvature, undo, losses = [], [], [], []
+    offsets = hk.global_offsets(params)
+    scalars, second, undo, losses = [], [], [], []
     kw = dict(distribution=c.distribution, stochastic_rounding=c.stochastic_rounding, backend=c.backend,
               check_hessian=False)
 
@@ -182,23 +183,33 @@ def local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple[tup
         for k, seed in enumerate(seeds):
             est = estimate_scalars(
                 next_batch(), params, hessian, int(seed), mu=c.mu, num_directions=c.num_directions,
-                difference=c.difference, with_f0=c.sends_curvature, distribution=c.distribution,
+                difference=c.difference, with_f0=c.sends_second_differences, distribution=c.distribution,
                 stochastic_rounding=c.stochastic_rounding, backend=c.backend,
             )
             scalars.append(tuple(est.scalars))
             losses.append(est.loss)
-            if c.sends_curvature:
-                curvature.append(tuple(est.curvature))
+            if c.sends_second_differences:
+                assert est.second_differences is not None  # with_f0 and central differences give them
+                second.append(tuple(est.second_differences))
             if k < len(seeds) - 1:
-                coefs = [c.lr * s / c.num_directions for s in est.scalars]
+                # the local update of step k (no weight decay, no H update: those come with the aggregated round)
+                coefs = list(step_round([int(seed)], [est.scalars], lr=c.lr).coefficients)
                 log_k = perturb_with_undo(params, offsets, hessian, update_op(int(seed), coefs),
                                           [update_op(int(seed), [-a for a in coefs])])
                 undo.append((int(seed), coefs, log_k))
     finally:
         for seed, coefs, log_k in reversed(undo):
-            hk.zo_update_(params, seed, range(len(coefs)), [-a for a in coefs], hessian=hessian, **kw)
+            hk.zo_update_(params, seed, range(len(coefs)), [-a for a in coefs], hessian=hessian,
+                          distribution=c.distribution, stochastic_rounding=c.stochastic_rounding, backend=c.backend,
+                          check_hessian=False)
             log_k.apply(params)
-    return tuple(scalars), (tuple(curvature) if c.sends_curvature else None), sum(losses) / len(losses)
+    return tuple(scalars), (tuple(second) if c.sends_second_differences else None), sum(losses) / len(losses)
+
+
+def local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple[tuple, tuple | None, float]:
+    """Deprecated name of :func:`run_local_steps`."""
+    warnings.warn("hiso.fl.local_steps is deprecated; use run_local_steps", DeprecationWarning, stacklevel=2)
+    return run_local_steps(replica, seeds, next_batch)
 
 
 class Server:
@@ -272,22 +283,22 @@ class Server:
             raise RuntimeError("no round is open")
         rnd, clients, _ = self._open
         reason = None
+        decoded: ClientReply | None = None
         try:
-            if isinstance(reply, (bytes, bytearray)):
-                reply = ClientReply.decode(bytes(reply))
+            decoded = ClientReply.decode(bytes(reply)) if isinstance(reply, (bytes, bytearray)) else reply
         except ValueError as exc:
-            reason, reply = f"undecodable: {exc}", None
-        if reply is not None and reason is None:
-            if sender is not None and reply.client != sender:
-                reason = f"client id {reply.client} does not match the sender {sender}"
+            reason = f"undecodable: {exc}"
+        if decoded is not None:
+            if sender is not None and decoded.client != sender:
+                reason = f"client id {decoded.client} does not match the sender {sender}"
             else:
-                reason = self._check(reply, rnd, clients)
-        if reason is not None:
-            who = sender if sender is not None else (-1 if reply is None else reply.client)
-            self.rejections.append((rnd, who, reason))
+                reason = self._check(decoded, rnd, clients)
+        if reason is not None or decoded is None:
+            who = sender if sender is not None else (-1 if decoded is None else decoded.client)
+            self.rejections.append((rnd, who, str(reason)))
             log.warning("round %d: rejected reply from client %d: %s", rnd, who, reason)
             return False
-        self._replies[reply.client] = reply
+        self._replies[decoded.client] = decoded
         return True
 
     def record_failure(self, client: int, reason: str) -> None:
@@ -319,11 +330,11 @@ class Server:
         if len(reply.scalars) != c.local_steps or any(len(r) != c.num_directions for r in reply.scalars):
             return (f"wrong number of scalars: expected {c.local_steps} x {c.num_directions}, "
                     f"got {len(reply.scalars)} x {[len(r) for r in reply.scalars]}")
-        if c.sends_curvature and (reply.curvature is None or len(reply.curvature) != c.local_steps
-                                  or any(len(r) != c.num_directions for r in reply.curvature)):
-            return "missing or malformed curvature scalars"
-        if not is_finite_block(reply.scalars) or (reply.curvature is not None
-                                                  and not is_finite_block(reply.curvature)):
+        second = reply.second_differences
+        if c.sends_second_differences and (second is None or len(second) != c.local_steps
+                                           or any(len(r) != c.num_directions for r in second)):
+            return "missing or malformed second differences"
+        if not is_finite_block(reply.scalars) or (second is not None and not is_finite_block(second)):
             return "non-finite scalar"
         if self.scalar_bound is not None and any(abs(v) > self.scalar_bound for row in reply.scalars for v in row):
             return f"scalar beyond the bound {self.scalar_bound}"
@@ -333,15 +344,16 @@ class Server:
         """Aggregate the accepted replies, append the record and apply it to the server's replica."""
         if self._open is None:
             raise RuntimeError("no round is open")
-        rnd, clients, seeds = self._open
+        rnd, _, seeds = self._open
         self._open = None
         if not self._replies:
             log.warning("round %d: no valid reply; the model is unchanged and the seeds are discarded", rnd)
             return None
         replies = [self._replies[c] for c in sorted(self._replies)]
         scalars = self._aggregate([r.scalars for r in replies])
-        curvature = self._aggregate([r.curvature for r in replies]) if self.config.sends_curvature else None
-        record = RoundRecord(rnd, seeds, scalars, curvature)
+        second = (self._aggregate([r.second_differences for r in replies])
+                  if self.config.sends_second_differences else None)
+        record = RoundRecord(rnd, seeds, scalars, second)
         # the record is what goes on the wire: round its floats to fp32 now, so everyone applies the same numbers
         record = RoundRecord.decode_from(record.encode())[0]
         self.records.append(record)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..optim import HiSo, ZOSGD
+from ..optim import ZOSGD, HiSo
 
 try:
     from transformers import Trainer

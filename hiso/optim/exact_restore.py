@@ -14,7 +14,7 @@ writes those values back. Transient memory: two chunks; persistent: the mismatch
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

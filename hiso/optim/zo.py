@@ -1,11 +1,14 @@
 """Zeroth-order optimizers on the fused kernels: ZO-SGD (MeZO, DeComFL) and HiSo.
 
-One step with seed s and P directions (design section 1):
+One step with seed s and P directions (MeZO, arXiv 2305.17333; DeComFL, arXiv 2405.15861; HiSo, arXiv 2506.02370):
 
     c_p = (f(x + mu z_p) - f(x - mu z_p)) / (2 mu)        central difference (MeZO's default), or
     c_p = (f(x + mu z_p) - f(x)) / mu                      forward difference (DeComFL's)
     x  <- x - lr (1/P) sum_p c_p z_p - lr wd x              z_p = u(s, p) / sqrt(H)   (H = 1 for ZO-SGD)
     H  <- max(beta H + (1 - beta) v, h_min)                 HiSo only, with the H of before the step in z_p
+
+The scalars come from :func:`hiso.optim.estimate.estimate_scalars`, the update's coefficients from
+:func:`hiso.optim.update.step_round` (the single source shared with the federated layer).
 
 Every perturbation, restore and update is one fused pass over the trainable parameters; directions are never stored.
 A step is fully described by its :class:`ZOStep` record (seed and scalars), so :meth:`ZOOptimizer.replay` brings a
@@ -17,34 +20,54 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 
 import torch
 
 import hiso_kernels as hk
 from hiso_kernels import spec
 
-from .exact_restore import DEFAULT_CHUNK, UndoLog, perturb_with_undo
-
-Closure = Callable[[], "torch.Tensor | float"]
+from .estimate import Closure, estimate_scalars
+from .exact_restore import DEFAULT_CHUNK
+from .update import check_curvature_rule, needs_second_differences, step_round
 
 
 @dataclasses.dataclass(frozen=True)
 class ZOStep:
-    """Everything needed to apply (or replay) one step: the seed, the P directional scalars c_p, the curvature
-    scalars (second differences for the "stein" rule, else None), and each parameter group's lr and weight decay."""
+    """Everything needed to apply (or replay) one step: the seed, the P directional scalars c_p, the second
+    differences (for the "stein" rule, else None), and each parameter group's lr and weight decay."""
 
     seed: int
     scalars: tuple[float, ...]
-    curvature_scalars: tuple[float, ...] | None
+    second_differences: tuple[float, ...] | None
     lrs: tuple[float, ...]
     weight_decays: tuple[float, ...]
+
+    @property
+    def curvature_scalars(self) -> tuple[float, ...] | None:
+        """Deprecated name of :attr:`second_differences`."""
+        warnings.warn("ZOStep.curvature_scalars is deprecated; use second_differences", DeprecationWarning,
+                      stacklevel=2)
+        return self.second_differences
 
 
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class: the perturb / evaluate / restore cycle and the bookkeeping; subclasses choose the update."""
 
     uses_hessian = False
+    mu: float
+    num_directions: int
+    difference: str
+    distribution: str
+    stochastic_rounding: bool
+    base_seed: int
+    steps_taken: int
+    exact_restore: bool | None
+    restore_chunk: int
+    record_history: bool
+    backend: str | None
+    allow_noop_step: bool
 
     def __init__(
         self,
@@ -109,12 +132,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if any(p.device != device for p in params):
             raise ValueError("all trainable parameters must be on one device")
         hessian = [self._hessian(p) for p in params] if self.uses_hessian else None
-        offsets = []
-        pos = 0
-        for p in params:
-            offsets.append(pos)
-            pos += p.numel()
-        return params, hessian, offsets, groups
+        return params, hessian, hk.global_offsets(params), groups
 
     def _hessian(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -133,23 +151,23 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Closure | None = None, *, seed: int | None = None):  # noqa: D401
+    def step(self, closure: Closure | None = None, *, seed: int | None = None):
         """One ZO step. ``closure()`` must return the loss (a finite scalar) and must not call backward.
         Returns the loss at x (forward difference) or the mean of the two perturbed losses (central)."""
         if closure is None:
             if self.allow_noop_step:
                 return None
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
-        params, hessian, offsets, groups = self._layout()
+        params, hessian, _, groups = self._layout()
         if seed is None:
             seed = self.next_seed()
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= spec.SEED_MAX:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        scalars, curvature, loss = self._estimate(closure, params, hessian, int(seed))
+        scalars, second, loss = self._estimate(closure, params, hessian, int(seed))
         record = ZOStep(
             seed=int(seed),
             scalars=tuple(scalars),
-            curvature_scalars=None if curvature is None else tuple(curvature),
+            second_differences=None if second is None else tuple(second),
             lrs=tuple(float(g["lr"]) for g in self.param_groups),
             weight_decays=tuple(float(g["weight_decay"]) for g in self.param_groups),
         )
@@ -170,30 +188,30 @@ class ZOOptimizer(torch.optim.Optimizer):
             exact_restore=self._use_exact_restore(params), restore_chunk=self.restore_chunk,
         )
         self.last_undo_elements = est.undo_elements
-        return est.scalars, est.curvature, est.loss
+        return est.scalars, est.second_differences, est.loss
 
     # ------------------------------------------------------------------ the update
-    def _coefficients(self, record: ZOStep, group: int) -> tuple[list[float], list[float] | None, float]:
-        """(x coefficients a_p, curvature coefficients b_p or None, weight-decay factor) of a record for a group.
-        The single source of these numbers for both the step and the replay."""
-        n = len(record.scalars)
-        lr = record.lrs[group]
-        a = [lr * c / n for c in record.scalars]
-        return a, None, lr * record.weight_decays[group]
+    #: the kernel's curvature rule of this optimizer's update ("none": no H update)
+    curvature_rule = "none"
+
+    def _round(self, record: ZOStep, group: int) -> hk.Round:
+        """The kernel round of a record for one parameter group (:func:`~hiso.optim.update.step_round`)."""
+        second = None if record.second_differences is None else [record.second_differences]
+        return step_round([record.seed], [record.scalars], lr=record.lrs[group],
+                          weight_decay=record.weight_decays[group], curvature_rule=self.curvature_rule,
+                          second_differences=second)
 
     def _apply(self, records: Sequence[ZOStep], params, hessian, groups) -> None:
         for gi, (lo, hi, offset) in enumerate(groups):
             if lo == hi:
                 continue
-            rounds = []
-            for rec in records:
-                a, b, wd = self._coefficients(rec, gi)
-                rounds.append(hk.Round([rec.seed] * len(a), range(len(a)), a, b, weight_decay=wd))
-            self._replay_group(params[lo:hi], None if hessian is None else hessian[lo:hi], rounds, offset)
+            rounds = [self._round(rec, gi) for rec in records]
+            hk.replay_(params[lo:hi], rounds, hessian=None if hessian is None else hessian[lo:hi],
+                       offset=offset, **self._kernel_kwargs())
 
-    def _replay_group(self, params, hessian, rounds, offset) -> None:
-        hk.replay_(params, rounds, hessian=hessian, curvature_rule="none", offset=offset, distribution=self.distribution,
-                   stochastic_rounding=self.stochastic_rounding, backend=self.backend, check_hessian=False)
+    def _kernel_kwargs(self) -> dict:
+        return dict(curvature_rule=self.curvature_rule, distribution=self.distribution,
+                    stochastic_rounding=self.stochastic_rounding, backend=self.backend, check_hessian=False)
 
     @torch.no_grad()
     def replay(self, history: Sequence[ZOStep]) -> None:
@@ -206,7 +224,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             if not isinstance(rec, ZOStep):
                 raise TypeError(f"history entries must be ZOStep records, got {type(rec).__name__}")
             if len(rec.lrs) != len(self.param_groups):
-                raise ValueError(f"a record has {len(rec.lrs)} parameter groups, this optimizer {len(self.param_groups)}")
+                raise ValueError(f"a record has {len(rec.lrs)} parameter groups, "
+                                 f"this optimizer {len(self.param_groups)}")
         params, hessian, _, groups = self._layout()
         self._apply(history, params, hessian, groups)
         if self.record_history:
@@ -242,161 +261,50 @@ class ZOSGD(ZOOptimizer):
 
 
 class HiSo(ZOOptimizer):
-    """HiSo (Li et al., ICLR 2026): directions scaled by a diagonal curvature estimate H, z_p = u_p / sqrt(H).
+    """HiSo (Li et al., arXiv 2506.02370): directions scaled by a diagonal curvature estimate H, z_p = u_p / sqrt(H).
 
-    ``curvature="gsq"`` is the authors' rule, H <- beta H + (1 - beta) g_hat^2 with g_hat = (1/P) sum_p c_p z_p;
-    ``curvature="stein"`` uses second differences (one more loss per step), H <- beta H + (1 - beta) H (1/P)
+    ``curvature_rule="gsq"`` is the authors' rule, H <- beta H + (1 - beta) g_hat^2 with g_hat = (1/P) sum_p c_p z_p;
+    ``curvature_rule="stein"`` uses second differences (one more loss per step), H <- beta H + (1 - beta) H (1/P)
     sum_p Delta_p (u_p^2 - 1), an unbiased estimate of diag(A) on a quadratic. H is floored at ``h_min``.
+    ``curvature=`` is the deprecated name of ``curvature_rule=``.
     """
 
     uses_hessian = True
 
     def __init__(self, params, lr: float = 1e-6, *, beta: float = 0.95, h_min: float = 1e-8,
-                 curvature: str = "gsq", **kwargs):
+                 curvature_rule: str = "gsq", curvature: str | None = None, **kwargs):
+        if curvature is not None:
+            warnings.warn("HiSo(curvature=) is deprecated; use curvature_rule=", DeprecationWarning, stacklevel=2)
+            curvature_rule = curvature
         _check_real("beta", beta, minimum=0.0)
         if beta > 1:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         _check_real("h_min", h_min, minimum=0.0, strict=True)
-        if curvature not in ("gsq", "stein"):
-            raise ValueError(f"curvature must be 'gsq' or 'stein', got {curvature!r}")
-        if curvature == "stein" and kwargs.get("difference", "central") != "central":
-            raise ValueError("the 'stein' curvature rule needs central differences")
+        check_curvature_rule(curvature_rule, kwargs.get("difference", "central"))
         super().__init__(params, lr, **kwargs)
         self.beta = float(beta)
         self.h_min = float(h_min)
-        self.curvature = curvature
+        self.curvature_rule = curvature_rule
+
+    @property
+    def curvature(self) -> str:
+        """Deprecated name of :attr:`curvature_rule`."""
+        warnings.warn("HiSo.curvature is deprecated; use curvature_rule", DeprecationWarning, stacklevel=2)
+        return self.curvature_rule
 
     def _needs_f0(self) -> bool:
-        return self.difference == "forward" or self.curvature == "stein"
+        return self.difference == "forward" or needs_second_differences(self.curvature_rule)
 
-    def _coefficients(self, record, group):
-        a, _, wd = super()._coefficients(record, group)
-        n = len(record.scalars)
-        if self.curvature == "stein":
-            if record.curvature_scalars is None:
-                raise ValueError("a 'stein' step record needs curvature scalars")
-            b = [d / n for d in record.curvature_scalars]
-        else:
-            b = [c / n for c in record.scalars]
-        return a, b, wd
-
-    def _replay_group(self, params, hessian, rounds, offset) -> None:
-        hk.replay_(params, rounds, hessian=hessian, curvature_rule=self.curvature, beta=self.beta, h_min=self.h_min,
-                   offset=offset, distribution=self.distribution, stochastic_rounding=self.stochastic_rounding,
-                   backend=self.backend, check_hessian=False)
+    def _kernel_kwargs(self) -> dict:
+        return dict(super()._kernel_kwargs(), beta=self.beta, h_min=self.h_min)
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["zo"].update(beta=self.beta, h_min=self.h_min, curvature=self.curvature)
+        sd["zo"].update(beta=self.beta, h_min=self.h_min, curvature_rule=self.curvature_rule)
         return sd
 
 
-@dataclasses.dataclass
-class Estimate:
-    """Directional scalars of one step: c_p, second differences (or None), the loss, undo-log size."""
-
-    scalars: list[float]
-    curvature: list[float] | None
-    loss: float
-    undo_elements: int
-
-
-def estimate_scalars(
-    closure: Closure,
-    params: Sequence[torch.Tensor],
-    hessian: Sequence[torch.Tensor] | None,
-    seed: int,
-    *,
-    mu: float,
-    num_directions: int,
-    difference: str = "central",
-    with_f0: bool = False,
-    distribution: str = "gaussian",
-    stochastic_rounding: bool = False,
-    backend: str | None = None,
-    exact_restore: bool = True,
-    restore_chunk: int = DEFAULT_CHUNK,
-) -> Estimate:
-    """Evaluate the losses around x for each direction z_p = u(seed, p) / sqrt(H) and bring x back.
-
-    The central chain is +mu, eval, (-mu, -mu), eval, +mu: the middle two perturbations run as two rounds of one
-    fused pass, so it costs three passes like MeZO's +mu, -2mu, +mu, but every perturbation is undone by its own
-    opposite. That matters: in fp32 the chain +mu, -2mu, +mu leaves about half of the elements one ulp off,
-    the paired chain a few percent (benchmarks/restore_drift.py). With exact restore those few are written back
-    from a sparse undo log, and the parameters return to their exact bits, also when the closure fails.
-    """
-    kw = dict(distribution=distribution, stochastic_rounding=stochastic_rounding, backend=backend,
-              check_hessian=False)
-    offsets = _offsets(params)
-
-    def shift(tensors, h, offset, p, alphas):
-        """Perturb by each alpha in turn (one fused pass: one round per alpha)."""
-        rounds = [hk.Round([seed], [p], [-a]) for a in alphas]
-        hk.replay_(tensors, rounds, hessian=h, curvature_rule="none", offset=offset, **kw)
-
-    def op(p, alphas):
-        return lambda views, h_views, offset: shift(views, h_views, offset, p, alphas)
-
-    central = difference == "central"
-    f0 = _evaluate(closure) if (with_f0 or not central) else None
-    scalars, curvature, losses = [], [], []
-    undo = 0
-    for p in range(num_directions):
-        # the passes after the first one, in order; each is a list of perturbation sizes fused into one pass
-        passes = [[-mu, -mu], [mu]] if central else [[-mu]]
-        log: UndoLog | None = None
-        if exact_restore:
-            log = perturb_with_undo(params, offsets, hessian, op(p, [mu]), [op(p, a) for a in passes], restore_chunk)
-            undo += log.numel
-        else:
-            shift(params, hessian, 0, p, [mu])
-        try:
-            f_plus = _evaluate(closure)
-            if central:
-                shift(params, hessian, 0, p, passes.pop(0))
-                f_minus = _evaluate(closure)
-        finally:
-            for alphas in passes:
-                shift(params, hessian, 0, p, alphas)
-            if log is not None:
-                log.apply(params)
-        if central:
-            scalars.append((f_plus - f_minus) / (2 * mu))
-            if f0 is not None:
-                curvature.append((f_plus + f_minus - 2 * f0) / (2 * mu * mu))
-            losses.append(0.5 * (f_plus + f_minus))
-        else:
-            scalars.append((f_plus - f0) / mu)
-            losses.append(f_plus)
-    loss = f0 if f0 is not None else sum(losses) / len(losses)
-    return Estimate(scalars, curvature if (central and f0 is not None) else None, loss, undo)
-
-
 # ---------------------------------------------------------------------- helpers
-def _offsets(params) -> list[int]:
-    out, pos = [], 0
-    for p in params:
-        out.append(pos)
-        pos += p.numel()
-    return out
-
-
-def _evaluate(closure: Closure) -> float:
-    """Run the closure and return its loss as a Python float; reject non-scalar and non-finite losses."""
-    value = closure()
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(value.shape)}")
-        value = float(value.detach().reshape(()).item())
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = float(value)
-    else:
-        raise TypeError(f"the closure must return a scalar loss, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"the closure returned a non-finite loss ({value}); parameters were restored")
-    return value
-
-
 def _check_real(name, value, minimum=None, strict=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
