@@ -10,8 +10,10 @@ import torch
 from hiso.fl import simulation as sim
 from hiso.optim import HiSo
 
-doc = tomllib.load(open("configs/fashion_mnist.toml", "rb"))
-base = dict(doc["train"]); base.pop("methods")
+with open("configs/fashion_mnist.toml", "rb") as fh:
+    doc = tomllib.load(fh)
+base = dict(doc["train"])
+base.pop("methods")
 out = {}
 for m in ("hiso", "decomfl"):
     cfg = sim.SimulationConfig(**{**base, **doc["methods"][m], "method": m, "rounds": 20, "eval_every": 10})
