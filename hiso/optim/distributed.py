@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -91,12 +92,18 @@ class LossExchange:
         self.group, self.seed, self.step = group, int(seed), int(step)
         self.device = _comm_device(group)
         self.bytes_sent = 0
+        self.seconds = 0.0  # wall time spent in the collectives (what the README's overhead figures measure)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        self.bytes_sent += t.numel() * t.element_size()
+        out = _all_gather(self.group, t.to(self.device)).cpu()
+        self.seconds += time.perf_counter() - start
+        return out
 
     def _header(self, status: int, evaluations: int, per_evaluation: int) -> torch.Tensor:
-        head = torch.tensor([status, evaluations, per_evaluation, self.seed, self.step], dtype=torch.int64,
-                            device=self.device)
-        self.bytes_sent += head.numel() * 8
-        return _all_gather(self.group, head).cpu()
+        return self._gather(torch.tensor([status, evaluations, per_evaluation, self.seed, self.step],
+                                         dtype=torch.int64))
 
     def abort(self) -> None:
         """Tell the other ranks this rank's step failed (they raise instead of waiting for its losses)."""
@@ -118,8 +125,7 @@ class LossExchange:
         width = max(counts)
         mine = torch.zeros(evaluations, width, dtype=torch.float64)
         mine[:, :m] = torch.tensor([list(row) for row in local], dtype=torch.float64)
-        self.bytes_sent += mine.numel() * 8
-        every = _all_gather(self.group, mine.to(self.device)).cpu()  # (world, E, width)
+        every = self._gather(mine)  # (world, E, width)
         combined = []
         for e in range(evaluations):
             values = [v for r, n in enumerate(counts) for v in every[r, e, :n].tolist()]

@@ -73,6 +73,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     process_group: Any
     last_undo_elements: int
     last_exchange_bytes: int
+    last_exchange_seconds: float
     _checked_group: Any
     _fsdp_modules: list[Any] | None
     _checked_fsdp: bool
@@ -126,6 +127,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.history: list[ZOStep] = []
         self.last_undo_elements = 0  # elements the last step's exact restore had to write back
         self.last_exchange_bytes = 0  # bytes this rank sent in the last step's loss exchange (0: one process)
+        self.last_exchange_seconds = 0.0  # and the wall time of that exchange
         # how parameters are grouped into kernel launches (one per device); replaceable, e.g. by tests
         self.device_of: DeviceKey = device_of
         self._checked_group = None  # the process group whose ranks were checked to agree (once)
@@ -196,6 +198,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             exchange = LossExchange(group, int(seed), self.steps_taken)
         scalars, second, loss = self._estimate(closure, layout, hessian, int(seed), exchange)
         self.last_exchange_bytes = 0 if exchange is None else exchange.bytes_sent
+        self.last_exchange_seconds = 0.0 if exchange is None else exchange.seconds
         record = ZOStep(
             seed=int(seed),
             scalars=tuple(scalars),
