@@ -133,10 +133,10 @@ def test_torchrun_two_processes(tmp_path, reference):
 
 
 def test_torchrun_four_processes(tmp_path, reference):
-    """Uneven FSDP2 shards (some ranks hold none of a tensor) and one micro-batch per rank."""
-    _torchrun(tmp_path, 4, "dp", "fsdp", "trainer")
+    """Uneven FSDP2 shards (some ranks hold none of a tensor) and one micro-batch per rank. (The Trainer runs on 2
+    processes only: with 4 on a 2-core CI machine, its import alone costs about a minute.)"""
+    _torchrun(tmp_path, 4, "dp", "fsdp")
     check_plain_and_fsdp(tmp_path, 4, reference)
-    check_trainer(tmp_path, 4, reference)
 
 
 def test_accelerate_launch_two_processes(tmp_path, reference):

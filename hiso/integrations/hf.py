@@ -81,8 +81,10 @@ class ZOTrainer(Trainer):
 
     def _wrap_model(self, model, training=True, dataloader=None):
         """Prepare the model for training without DistributedDataParallel (device placement and mixed precision
-        only): ``accelerate`` then leaves an already prepared model as it is."""
-        if training and self.accelerator.num_processes > 1 and not getattr(model, "_is_accelerate_prepared", False):
+        only): ``accelerate`` then leaves an already prepared model as it is. With accelerate's FSDP plugin the
+        Trainer's own wrapping runs (the optimizer then works on the DTensor shards)."""
+        if (training and self.accelerator.num_processes > 1 and not getattr(self, "is_fsdp_enabled", False)
+                and not getattr(model, "_is_accelerate_prepared", False)):
             return self.accelerator.prepare_model(model, evaluation_mode=True)
         return super()._wrap_model(model, training, dataloader)
 
@@ -101,6 +103,9 @@ class ZOTrainer(Trainer):
                 raise RuntimeError("ZOTrainer: a later micro-batch arrived before the first of its step")
             return self._zo_share
         if not (group and inputs is group[0]):
+            if not group and self.args.gradient_accumulation_steps > 1:
+                raise RuntimeError("ZOTrainer needs the Trainer to collect each step's micro-batches "
+                                   "(get_batch_samples) for gradient accumulation; this transformers does not")
             group = [inputs]  # called outside the Trainer's loop: one micro-batch, one step
         prepared = [self._prepare_inputs(b) for b in group]
         was_training = model.training
