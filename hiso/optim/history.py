@@ -139,3 +139,26 @@ def check_compatible(mine: dict, theirs: dict, what: str) -> None:
     if bad:
         raise ValueError(f"{what} was made with other settings ({'; '.join(bad)}); build the optimizer with the "
                          "same settings to resume it")
+
+
+def take_hessians(state_dict: dict, param_groups: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Remove HiSo's H from an optimizer state dict (torch's ``load_state_dict`` would cast it to each parameter's
+    dtype: a bf16 H would lose its bits) and return (parameter, fp32 H on the local tensor's device), checked
+    against the local shapes (a DTensor's local shard: FSDP2 checkpoints resume on the same number of processes)."""
+    if "state" not in state_dict or "param_groups" not in state_dict:
+        return []
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    by_id = dict(zip(ids, [p for g in param_groups for p in g["params"]]))
+    state, out = {}, []
+    for key, entry in state_dict["state"].items():
+        entry = dict(entry)
+        h = entry.pop("hessian", None)
+        if h is not None and key in by_id:
+            p = by_id[key]
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if tuple(h.shape) != tuple(local.shape):
+                raise ValueError(f"the checkpoint's H has shape {tuple(h.shape)}, the parameter {tuple(local.shape)}")
+            out.append((p, h.to(device=local.device, dtype=torch.float32).clone()))
+        state[key] = entry
+    state_dict["state"] = state
+    return out

@@ -178,12 +178,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             if self.allow_noop_step:
                 return None
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
-        layout = self._layout()
-        hessian = self._hessians(layout)
         if seed is None:
             seed = self.next_seed()
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= spec.SEED_MAX:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        layout = self._layout()
+        hessian = self._hessians(layout)
         group = resolve_group(self.process_group)
         if not self._checked_fsdp:
             check_not_gathered(layout.sources)
@@ -352,7 +352,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         records = hist.decode(zo["history"]) if "history" in zo else []
         if len(records) > int(zo["steps_taken"]):
             raise ValueError("the checkpoint's history is longer than its step count")
-        hessians = self._take_hessians(state_dict)
+        hessians = hist.take_hessians(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
         for p, h in hessians:
             self.state[p]["hessian"] = h
@@ -362,29 +362,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = int(zo["base_seed"])
         self.steps_taken = int(zo["steps_taken"])
         self.history = records if self.record_history else []
-
-    def _take_hessians(self, state_dict: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Remove H from a state dict (torch would cast it to each parameter's dtype: bf16 H would lose its bits)
-        and return (parameter, fp32 H on its device), checked against the local shapes."""
-        if "state" not in state_dict or "param_groups" not in state_dict:
-            return []
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        by_id = dict(zip(ids, params))
-        state, out = {}, []
-        for key, entry in state_dict["state"].items():
-            entry = dict(entry)
-            h = entry.pop("hessian", None)
-            if h is not None and key in by_id:
-                p = by_id[key]
-                local = p.to_local() if is_dtensor(p) else p
-                if tuple(h.shape) != tuple(local.shape):
-                    raise ValueError(f"the checkpoint's H has shape {tuple(h.shape)}, the parameter "
-                                     f"{tuple(local.shape)}")
-                out.append((p, h.to(device=local.device, dtype=torch.float32).clone()))
-            state[key] = entry
-        state_dict["state"] = state
-        return out
 
     def save_history(self, path: str | os.PathLike) -> None:
         """Write :attr:`history` with the method and hyper-parameters: JSON for a ``.json`` path, else
