@@ -17,43 +17,45 @@ replica with the same initial parameters to the same bits in one pass for any nu
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 import hiso_kernels as hk
 from hiso_kernels import spec
 
+from . import history as hist
+from .distributed import (
+    AUTO,
+    LossExchange,
+    check_agreement,
+    check_not_gathered,
+    fsdp_modules_of,
+    resolve_group,
+    weights_digest,
+)
 from .estimate import Closure, estimate_scalars
 from .exact_restore import DEFAULT_CHUNK
+from .history import ZOStep
+from .layout import DeviceKey, ParamLayout, build_layout, device_of, is_dtensor
 from .update import check_curvature_rule, needs_second_differences, step_round
 
-
-@dataclasses.dataclass(frozen=True)
-class ZOStep:
-    """Everything needed to apply (or replay) one step: the seed, the P directional scalars c_p, the second
-    differences (for the "stein" rule, else None), and each parameter group's lr and weight decay."""
-
-    seed: int
-    scalars: tuple[float, ...]
-    second_differences: tuple[float, ...] | None
-    lrs: tuple[float, ...]
-    weight_decays: tuple[float, ...]
-
-    @property
-    def curvature_scalars(self) -> tuple[float, ...] | None:
-        """Deprecated name of :attr:`second_differences`."""
-        warnings.warn("ZOStep.curvature_scalars is deprecated; use second_differences", DeprecationWarning,
-                      stacklevel=2)
-        return self.second_differences
+__all__ = ["ZOSGD", "HiSo", "ZOOptimizer", "ZOStep"]
 
 
 class ZOOptimizer(torch.optim.Optimizer):
-    """Base class: the perturb / evaluate / restore cycle and the bookkeeping; subclasses choose the update."""
+    """Base class: the perturb / evaluate / restore cycle and the bookkeeping; subclasses choose the update.
+
+    ``process_group`` ("auto": the default group when ``torch.distributed`` is initialised with several ranks;
+    None: the default group; False: no communication; or a ``ProcessGroup``) makes a step data parallel: the
+    ranks exchange their losses and apply the same update (:mod:`hiso.optim.distributed`). Parameters may be
+    DTensors sharded by FSDP2 and may lie on several devices (:mod:`hiso.optim.layout`).
+    """
 
     uses_hessian = False
     mu: float
@@ -68,6 +70,13 @@ class ZOOptimizer(torch.optim.Optimizer):
     record_history: bool
     backend: str | None
     allow_noop_step: bool
+    process_group: Any
+    last_undo_elements: int
+    last_exchange_bytes: int
+    last_exchange_seconds: float
+    _checked_group: Any
+    _fsdp_modules: list[Any] | None
+    _checked_fsdp: bool
 
     def __init__(
         self,
@@ -85,6 +94,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         restore_chunk: int = DEFAULT_CHUNK,
         record_history: bool = True,
         backend: str | None = None,
+        process_group=AUTO,
     ):
         _check_real("lr", lr, minimum=0.0)
         _check_real("weight_decay", weight_decay, minimum=0.0)
@@ -99,6 +109,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         if not isinstance(restore_chunk, numbers.Integral) or restore_chunk < 1:
             raise ValueError("restore_chunk must be a positive integer")
+        if not (process_group is None or process_group is False or process_group == AUTO
+                or (torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup))):
+            raise TypeError(f"process_group must be 'auto', None, False or a ProcessGroup, got {process_group!r}")
         self.mu = float(mu)
         self.num_directions = int(num_directions)
         self.difference = difference
@@ -110,35 +123,35 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.restore_chunk = int(restore_chunk)
         self.record_history = record_history
         self.backend = backend
+        self.process_group = process_group
         self.history: list[ZOStep] = []
         self.last_undo_elements = 0  # elements the last step's exact restore had to write back
+        self.last_exchange_bytes = 0  # bytes this rank sent in the last step's loss exchange (0: one process)
+        self.last_exchange_seconds = 0.0  # and the wall time of that exchange
+        # how parameters are grouped into kernel launches (one per device); replaceable, e.g. by tests
+        self.device_of: DeviceKey = device_of
+        self._checked_group = None  # the process group whose ranks were checked to agree (once)
+        self._fsdp_modules = None
+        self._checked_fsdp = False  # checked once that no parameter is an FSDP2 gathered copy
         # Trainers that call step() without a closure after having stepped through their own hook (the Hugging
         # Face integration) set this; otherwise a closure-less step is an error.
         self.allow_noop_step = False
 
     # ------------------------------------------------------------------ layout
-    def _layout(self):
-        """Trainable parameters in global order (group by group), each group's slice, global offset and H."""
-        params, groups = [], []
-        offset = 0
-        for g in self.param_groups:
-            ps = [p for p in g["params"] if p.requires_grad]
-            groups.append((len(params), len(params) + len(ps), offset))
-            params += ps
-            offset += sum(p.numel() for p in ps)
-        if not params:
-            raise ValueError("the optimizer has no trainable parameters (requires_grad=True)")
-        device = params[0].device
-        if any(p.device != device for p in params):
-            raise ValueError("all trainable parameters must be on one device")
-        hessian = [self._hessian(p) for p in params] if self.uses_hessian else None
-        return params, hessian, hk.global_offsets(params), groups
+    def _layout(self) -> ParamLayout:
+        """Trainable parameters in global order (group by group): local tensors, global offsets, kernel runs."""
+        return build_layout(self.param_groups, self.device_of)
 
-    def _hessian(self, p: torch.Tensor) -> torch.Tensor:
-        state = self.state[p]
-        if "hessian" not in state:
-            state["hessian"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
-        return state["hessian"]
+    def _hessians(self, layout: ParamLayout) -> list[torch.Tensor] | None:
+        if not self.uses_hessian:
+            return None
+        out = []
+        for src, local in zip(layout.sources, layout.params):
+            state = self.state[src]
+            if "hessian" not in state:
+                state["hessian"] = torch.ones(local.shape, dtype=torch.float32, device=local.device)
+            out.append(state["hessian"])
+        return out
 
     def _use_exact_restore(self, params) -> bool:
         if self.exact_restore is None:
@@ -149,21 +162,43 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The seed the next step draws when none is given (derived from the base seed and the step count)."""
         return spec.derive_seed(self.base_seed, self.steps_taken)
 
+    def hyper(self) -> dict:
+        """The settings that define the update (a checkpoint or history must have been made with the same)."""
+        return dict(mu=self.mu, num_directions=self.num_directions, difference=self.difference,
+                    distribution=self.distribution, stochastic_rounding=self.stochastic_rounding,
+                    curvature_rule=self.curvature_rule)
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, seed: int | None = None):
-        """One ZO step. ``closure()`` must return the loss (a finite scalar) and must not call backward.
-        Returns the loss at x (forward difference) or the mean of the two perturbed losses (central)."""
+        """One ZO step. ``closure()`` must return the loss (a finite scalar, or a list of micro-batch losses whose
+        mean is the step's loss) and must not call backward. Returns the loss at x (forward difference) or the mean
+        of the two perturbed losses (central), combined over the ranks when data parallel."""
         if closure is None:
             if self.allow_noop_step:
                 return None
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
-        params, hessian, _, groups = self._layout()
         if seed is None:
             seed = self.next_seed()
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= spec.SEED_MAX:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        scalars, second, loss = self._estimate(closure, params, hessian, int(seed))
+        layout = self._layout()
+        hessian = self._hessians(layout)
+        group = resolve_group(self.process_group)
+        if not self._checked_fsdp:
+            check_not_gathered(layout.sources)
+            self._checked_fsdp = True
+        if layout.sharded:
+            closure = self._resharding(closure, layout)
+        exchange = None
+        if group is not None:
+            if self._checked_group is not group:
+                self._check_ranks(group, layout, hessian, int(seed))
+                self._checked_group = group
+            exchange = LossExchange(group, int(seed), self.steps_taken)
+        scalars, second, loss = self._estimate(closure, layout, hessian, int(seed), exchange)
+        self.last_exchange_bytes = 0 if exchange is None else exchange.bytes_sent
+        self.last_exchange_seconds = 0.0 if exchange is None else exchange.seconds
         record = ZOStep(
             seed=int(seed),
             scalars=tuple(scalars),
@@ -171,7 +206,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             lrs=tuple(float(g["lr"]) for g in self.param_groups),
             weight_decays=tuple(float(g["weight_decay"]) for g in self.param_groups),
         )
-        self._apply([record], params, hessian, groups)
+        self._apply([record], layout, hessian)
         if self.record_history:
             self.history.append(record)
         self.steps_taken += 1
@@ -180,15 +215,54 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _needs_f0(self) -> bool:
         return self.difference == "forward"
 
-    def _estimate(self, closure, params, hessian, seed):
+    def _estimate(self, closure, layout: ParamLayout, hessian, seed, exchange):
         est = estimate_scalars(
-            closure, params, hessian, seed, mu=self.mu, num_directions=self.num_directions,
+            closure, layout.params, hessian, seed, mu=self.mu, num_directions=self.num_directions,
             difference=self.difference, with_f0=self._needs_f0(), distribution=self.distribution,
             stochastic_rounding=self.stochastic_rounding, backend=self.backend,
-            exact_restore=self._use_exact_restore(params), restore_chunk=self.restore_chunk,
+            exact_restore=self._use_exact_restore(layout.params), restore_chunk=self.restore_chunk,
+            offsets=layout.offsets, runs=layout.all_runs(), exchange=exchange,
         )
         self.last_undo_elements = est.undo_elements
         return est.scalars, est.second_differences, est.loss
+
+    # ------------------------------------------------------------------ processes and shards
+    def _check_ranks(self, group, layout: ParamLayout, hessian, seed: int) -> None:
+        """Once per process group: every rank has the same settings, layout, seed stream and replicated weights."""
+        replicated = [p for src, p in zip(layout.sources, layout.params) if not is_dtensor(src)]
+        replicated += [h for src, h in zip(layout.sources, hessian or []) if not is_dtensor(src)]
+        check_agreement(group, {
+            "hyper-parameters": (type(self).__name__, sorted(self.hyper().items()),
+                                 [(g["lr"], g["weight_decay"]) for g in self.param_groups]),
+            "parameter layout": (layout.shapes, [[str(p.dtype) for p in g["params"] if p.requires_grad]
+                                                 for g in self.param_groups]),
+            "seed stream": (self.base_seed, self.steps_taken, seed),
+            "initial weights": weights_digest(replicated),
+        })
+
+    def set_fsdp_modules(self, modules: Iterable[torch.nn.Module]) -> None:
+        """The FSDP2 modules to reshard after every evaluation of the closure (found automatically otherwise)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        self._fsdp_modules = [m for m in modules if isinstance(m, FSDPModule)]
+
+    def _resharding(self, closure, layout: ParamLayout):
+        """Wrap the closure so that every FSDP2 module owning these shards gives up its gathered parameters after
+        the forward: the root module keeps them by default, and the next forward would not see the shards' next
+        perturbation. Also reshard now, in case a forward ran since the last step (an evaluation)."""
+        if self._fsdp_modules is None:
+            self._fsdp_modules = fsdp_modules_of(layout.sources)
+        modules = self._fsdp_modules
+        for m in modules:
+            m.reshard()
+
+        def wrapped():
+            try:
+                return closure()
+            finally:
+                for m in modules:
+                    m.reshard()
+        return wrapped
 
     # ------------------------------------------------------------------ the update
     #: the kernel's curvature rule of this optimizer's update ("none": no H update)
@@ -201,13 +275,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                           weight_decay=record.weight_decays[group], curvature_rule=self.curvature_rule,
                           second_differences=second)
 
-    def _apply(self, records: Sequence[ZOStep], params, hessian, groups) -> None:
-        for gi, (lo, hi, offset) in enumerate(groups):
-            if lo == hi:
+    def _apply(self, records: Sequence[ZOStep], layout: ParamLayout, hessian) -> None:
+        """Apply the records' rounds group by group, one kernel call per run (device and consecutive range)."""
+        for gi, runs in enumerate(layout.runs):
+            if not runs:
                 continue
             rounds = [self._round(rec, gi) for rec in records]
-            hk.replay_(params[lo:hi], rounds, hessian=None if hessian is None else hessian[lo:hi],
-                       offset=offset, **self._kernel_kwargs())
+            for r in runs:
+                hk.replay_(layout.params[r.start:r.stop], rounds,
+                           hessian=None if hessian is None else hessian[r.start:r.stop], offset=r.offset,
+                           **self._kernel_kwargs())
 
     def _kernel_kwargs(self) -> dict:
         return dict(curvature_rule=self.curvature_rule, distribution=self.distribution,
@@ -226,27 +303,83 @@ class ZOOptimizer(torch.optim.Optimizer):
             if len(rec.lrs) != len(self.param_groups):
                 raise ValueError(f"a record has {len(rec.lrs)} parameter groups, "
                                  f"this optimizer {len(self.param_groups)}")
-        params, hessian, _, groups = self._layout()
-        self._apply(history, params, hessian, groups)
+        layout = self._layout()
+        self._apply(history, layout, self._hessians(layout))
         if self.record_history:
             self.history.extend(history)
         self.steps_taken += len(history)
 
     # ------------------------------------------------------------------ state
+    @property
+    def history_start(self) -> int:
+        """The number of steps taken before the first one in :attr:`history` (0 when the history is complete)."""
+        return self.steps_taken - len(self.history)
+
+    def _meta(self) -> dict:
+        layout = self._layout()
+        return dict(method=type(self).__name__, hyper=self.hyper(), numel=layout.numel,
+                    num_tensors=len(layout.shapes), history_start=self.history_start)
+
     def state_dict(self):
+        """torch's state (per-parameter H for HiSo, parameter groups) plus ``"zo"``: the format version, the method
+        and hyper-parameters, the seed stream, and the step history in the column encoding of
+        :mod:`hiso.optim.history` (tensors, so the checkpoint loads with ``torch.load(weights_only=True)``)."""
         sd = super().state_dict()
-        sd["zo"] = dict(base_seed=self.base_seed, steps_taken=self.steps_taken, mu=self.mu,
-                        num_directions=self.num_directions, difference=self.difference,
-                        distribution=self.distribution)
+        sd["zo"] = dict(version=hist.VERSION, base_seed=self.base_seed, steps_taken=self.steps_taken,
+                        history=hist.encode(self.history), **self._meta())
         return sd
 
     def load_state_dict(self, state_dict):
+        """Resume from :meth:`state_dict`. Raises ValueError, changing nothing, if the checkpoint was made by another
+        method, with other hyper-parameters (mu, P, difference, distribution, curvature rule, ...) or for another
+        number of trainable elements. Checkpoints of hiso 0.1 (no history) load with a warning."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
+        if not isinstance(zo, dict):
+            raise ValueError("not the state of a hiso ZO optimizer (no 'zo' entry)")
+        version = int(zo.get("version", 1))
+        if version > hist.VERSION:
+            raise ValueError(f"the checkpoint has optimizer state version {version}; this hiso reads up to "
+                             f"{hist.VERSION}")
+        mine = self._meta()
+        if zo.get("method", mine["method"]) != mine["method"]:
+            raise ValueError(f"the checkpoint is a {zo['method']} optimizer's, this is a {mine['method']}")
+        hist.check_compatible(mine["hyper"], zo.get("hyper", zo), "the checkpoint")
+        for key in ("numel", "num_tensors"):
+            if key in zo and int(zo[key]) != mine[key]:
+                raise ValueError(f"the checkpoint has {zo[key]} trainable {'elements' if key == 'numel' else 'tensors'}"
+                                 f", this optimizer {mine[key]}")
+        records = hist.decode(zo["history"]) if "history" in zo else []
+        if len(records) > int(zo["steps_taken"]):
+            raise ValueError("the checkpoint's history is longer than its step count")
+        hessians = hist.take_hessians(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
-        if zo is not None:
-            self.base_seed = int(zo["base_seed"])
-            self.steps_taken = int(zo["steps_taken"])
+        for p, h in hessians:
+            self.state[p]["hessian"] = h
+        if version < 2:
+            warnings.warn("this optimizer checkpoint predates hiso 0.2 and has no step history: replay(history) "
+                          "will cover only the steps taken after the resume", stacklevel=2)
+        self.base_seed = int(zo["base_seed"])
+        self.steps_taken = int(zo["steps_taken"])
+        self.history = records if self.record_history else []
+
+    def save_history(self, path: str | os.PathLike) -> None:
+        """Write :attr:`history` with the method and hyper-parameters: JSON for a ``.json`` path, else
+        ``torch.save`` (``torch.load(path, weights_only=True)`` reads it). See :mod:`hiso.optim.history`."""
+        hist.save(path, self.history, self._meta())
+
+    def load_history(self, path: str | os.PathLike) -> list[ZOStep]:
+        """Read a history file (either format) written for an optimizer like this one, for :meth:`replay`.
+        Raises ValueError if it was made by another method or with other hyper-parameters."""
+        records, meta = hist.read(path)
+        mine = self._meta()
+        if meta.get("method") != mine["method"]:
+            raise ValueError(f"{os.fspath(path)} holds a {meta.get('method')} history, this is a {mine['method']}")
+        hist.check_compatible(mine["hyper"], meta.get("hyper", {}), os.fspath(path))
+        if "numel" in meta and int(meta["numel"]) != mine["numel"]:
+            raise ValueError(f"{os.fspath(path)} was written for {meta['numel']} trainable elements, this optimizer "
+                             f"has {mine['numel']}")
+        return records
 
 
 class ZOSGD(ZOOptimizer):
@@ -298,10 +431,8 @@ class HiSo(ZOOptimizer):
     def _kernel_kwargs(self) -> dict:
         return dict(super()._kernel_kwargs(), beta=self.beta, h_min=self.h_min)
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["zo"].update(beta=self.beta, h_min=self.h_min, curvature_rule=self.curvature_rule)
-        return sd
+    def hyper(self) -> dict:
+        return dict(super().hyper(), beta=self.beta, h_min=self.h_min)
 
 
 # ---------------------------------------------------------------------- helpers
