@@ -83,11 +83,11 @@ def summary_table(rows) -> str:
 STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 1)), "P"))
 
 
-def plot(rows: Sequence[dict], path, title: str = "") -> None:
+def plot(rows: Sequence[dict], path, title: str = "") -> list[tuple[str, str, str]]:
     """Accuracy and loss against rounds and against bytes sent by clients (log scale): a 2 x 2 figure.
 
     Loss is the evaluation loss (the training loss where no evaluation loss was recorded); missing (null) values
-    break the line rather than dropping to zero.
+    break the line rather than dropping to zero. Returns each panel's (x label, y label, x scale).
     """
     import matplotlib
 
@@ -120,7 +120,9 @@ def plot(rows: Sequence[dict], path, title: str = "") -> None:
     fig.suptitle(title or "hiso train")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    panels = [(ax.get_xlabel(), ax.get_ylabel(), ax.get_xscale()) for row in axes for ax in row]
     plt.close(fig)
+    return panels
 
 
 def _nan(value: Any) -> float:

@@ -342,7 +342,6 @@ def validate_train(args: argparse.Namespace) -> TrainPlan:
             raise UsageError(f"invalid settings for {m}: {exc}") from None
         configs.append(cfg)
     first = configs[0]
-    task_name, info = _check_task(first, args)
     _check_device(first.device)
     if first.backend is not None:
         from hiso_kernels.backends import available_backends
@@ -351,6 +350,7 @@ def validate_train(args: argparse.Namespace) -> TrainPlan:
         if first.backend not in usable:
             raise UsageError(f"--backend {first.backend}: not usable on {first.device} here; usable: "
                              f"{', '.join(usable)}")
+    task_name, info = _check_task(first, args)  # reads the task's files (and checks the model's source)
     if info.takes_model:
         configs = [dataclasses.replace(c, model=c.model or "smollm2-135m") for c in configs]
     out = args.out or os.path.join("runs", f"{task_name}-{time.strftime('%Y%m%d-%H%M%S')}")
