@@ -94,7 +94,7 @@ def encode_choices(
         input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[row, : len(seq)] = 1
         choice_mask[row, len(seq) - n : len(seq)] = True
-    return ChoiceBatch(input_ids, attention_mask, choice_mask, torch.as_tensor(np.asarray(labels), dtype=torch.long),
+    return ChoiceBatch(input_ids, attention_mask, choice_mask, torch.tensor(np.asarray(labels), dtype=torch.long),
                        num_choices)
 
 
