@@ -154,15 +154,13 @@ def test_copa_choice_tokens_are_counted_as_mezo_does(tokenizer):
 
 @pytest.mark.slow
 def test_superglue_losses_with_smollm2(model, tokenizer):
-    """Each SuperGLUE task on 2 fixture examples: finite loss, accuracy in [0, 1], and COPA's multiple-choice scores
-    are mean log-probabilities (negative)."""
+    """Each SuperGLUE task on 2 fixture examples (one forward each): finite class logits, and COPA's
+    multiple-choice scores are mean log-probabilities (negative)."""
     for name in ("boolq", "wic", "wsc", "multirc", "copa"):
         task = get_task(name, FIXTURES, tokenizer=tokenizer)
         batch = task.make_batches(task.eval_examples.subset([0, 1]), 2)[0]
         with torch.no_grad():
             logits = batch.class_logits(model)
-            loss = task.loss(model, batch)
-        assert logits.shape == (2, 2) and torch.isfinite(logits).all() and torch.isfinite(loss), name
-        assert 0.0 <= task.accuracy(model, [batch]) <= 1.0
+        assert logits.shape == (2, 2) and torch.isfinite(logits).all(), name
         if name == "copa":
             assert (logits < 0).all()
