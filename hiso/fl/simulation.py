@@ -59,6 +59,8 @@ class SimulationConfig:
     distribution: str = "gaussian"
     model: str | None = None  # text tasks: a Hugging Face name or folder, or "smollm2-135m"
     data_dir: str | None = None
+    template: str | None = None  # text tasks: a template of the task's spec (default: the spec's default)
+    max_length: int | None = None  # text tasks: prompt tokens kept (default: the spec's)
     dtype: str = "float32"
     backend: str | None = None
     device: str = "cpu"
@@ -88,27 +90,41 @@ class SimulationConfig:
 
 
 def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = None,
-        setup: Setup | None = None) -> list[dict]:
-    """Run one method; returns one metrics row per evaluation (also passed to ``on_eval``)."""
+        setup: Setup | None = None, on_round: Callable[[int, float | None], None] | None = None) -> list[dict]:
+    """Run one method; returns one metrics row per evaluation (also passed to ``on_eval``). ``on_round(round, loss)``
+    is called after every round with that round's mean training loss (None if no client returned one)."""
     setup = setup or build(config)
     metrics = RunMetrics(config.method)
     rows: list[dict] = []
+    consumed = 0  # training losses of the current evaluation interval already reported to on_round
 
     def evaluate(rnd: int, **extra) -> None:
+        nonlocal consumed
         res = setup.task.evaluate(setup.model, setup.eval_batches)
         row = metrics.row(rnd, res.accuracy, res.loss, **extra)
+        consumed = 0
         rows.append(row)
         if on_eval:
             on_eval(row)
 
+    def end_round(rnd: int, **extra) -> None:
+        """The runners call this after every round: progress, then an evaluation every eval_every rounds."""
+        nonlocal consumed
+        if on_round is not None:
+            new = metrics._train_losses[consumed:]
+            consumed += len(new)
+            on_round(rnd, sum(new) / len(new) if new else None)
+        if extra or rnd % config.eval_every == 0 or rnd == config.rounds:
+            evaluate(rnd, **extra)
+
     evaluate(0)
     runner = {"hiso": run_scalar_only, "decomfl": run_scalar_only, "mezo": run_mezo, "fedavg": run_fedavg}
-    runner[config.method](config, setup, metrics, evaluate)
+    runner[config.method](config, setup, metrics, end_round)
     return rows
 
 
 def run_scalar_only(config: SimulationConfig, setup: Setup, metrics: RunMetrics,
-                    evaluate: Callable[..., None]) -> None:
+                    end_round: Callable[..., None]) -> None:
     """HiSo / DeComFL: the protocol's server and clients in one process, bytes counted from the encoded messages."""
     model = setup.model
     streams = client_streams(config, setup)
@@ -133,7 +149,6 @@ def run_scalar_only(config: SimulationConfig, setup: Setup, metrics: RunMetrics,
         record = server.end_round()
         metrics.rejections = len(server.rejections)
         if record is None and not all(torch.isfinite(p).all() for p in replica.params):
-            evaluate(rnd, diverged=True)  # the model diverged (non-finite parameters): nothing more can happen
+            end_round(rnd, diverged=True)  # the model diverged (non-finite parameters): nothing more can happen
             break
-        if rnd % config.eval_every == 0 or rnd == config.rounds:
-            evaluate(rnd)
+        end_round(rnd)

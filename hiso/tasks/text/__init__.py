@@ -1,51 +1,60 @@
-"""Text classification with a causal LM as prompt + verbaliser (SST-2, CB, RTE), the setting of MeZO and DeComFL.
+"""Text tasks with a causal LM, the setting of MeZO (arXiv 2305.17333) and DeComFL (arXiv 2405.15861), declared as
+data: each task is a :class:`TextTaskSpec` (a TOML file; the built-in ones are ``hiso/tasks/specs/*.toml``) naming
+its data files or hub dataset, fields, labels (strings, integers or booleans), prompt templates and scoring mode.
 
-An example is rendered into a prompt; the model's next-token logits at the last prompt position, restricted to one
-token per class (the verbaliser), are the class logits. Loss is cross-entropy over those few logits, as in MeZO's
-classification objective (Malladi et al. 2023, arXiv 2305.17333) and DeComFL's LLM experiments (arXiv 2405.15861),
-which restrict the last-position logits to the verbaliser token ids.
+* **verbaliser classification** (SST-2, CB, RTE, BoolQ, WiC, WSC, MultiRC): the model's next-token logits at the
+  last prompt position, restricted to one token per class, are the class logits; loss is cross-entropy over them.
+* **multiple choice** (COPA): each class's continuation is appended to the prompt and scored by the mean
+  log-probability of its tokens; loss is cross-entropy over those scores (MeZO's ``train_as_classification``).
 
-Templates (``TEMPLATES[task][name]``; ``"mezo"``, the default, is MeZO's ``large_models/templates.py``, which
-takes CB and RTE from PromptSource; ``"gpt3"`` is the GPT-3 paper's question/answer style):
+Built-in templates (``"mezo"``, the default, is MeZO's ``large_models/templates.py``, which takes CB, RTE, WiC, WSC
+and MultiRC from PromptSource; DeComFL uses the same except for BoolQ and SST-2's words, kept as ``"decomfl"``):
 
-* sst2/mezo: ``{sentence} It was`` -> " terrible" | " great"
-* cb/mezo: ``Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\\n`` -> "Yes" | "No" | "Maybe"
-* cb/gpt3: ``{premise}\\nQuestion: {hypothesis} True, False, or Neither?\\nAnswer:`` -> " True" | " False" | " Neither"
-* rte/mezo: ``{premise}\\nDoes this mean that "{hypothesis}" is true? Yes or No?\\n`` -> "Yes" | "No"
-* rte/gpt3: ``{premise}\\nQuestion: {hypothesis} True or False?\\nAnswer:`` -> " True" | " False"
+* sst2: ``{sentence} It was`` -> " terrible" | " great"
+* cb: ``Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\\n`` -> "Yes" | "No" | "Maybe"
+* rte: ``{premise}\\nDoes this mean that "{hypothesis}" is true? Yes or No?\\n`` -> "Yes" | "No"
+* boolq: ``{passage} {question|question}\\n`` -> "No" | "Yes"
+* wic: ``Does the word "{word}" have the same meaning in these two sentences? Yes, No?\\n{sentence1}\\n{sentence2}\\n``
+  -> "No" | "Yes"
+* wsc: ``{text}\\nIn the previous sentence, does the pronoun "{span2_text|lower}" refer to {span1_text}? Yes or
+  No?\\n`` -> "No" | "Yes"
+* multirc: ``{paragraph}\\nQuestion: {question}\\nI found this answer "{answer}". Is that correct? Yes or No?\\n``
+  -> "No" | "Yes"
+* copa: ``{premise|nodot}`` + " because" / " so" -> " {choice1|lowerfirst}" | " {choice2|lowerfirst}"
 
-Labels are SST-2 (negative, positive), CB (entailment, contradiction, neutral), RTE (entailment, not_entailment):
-the Hugging Face ``ClassLabel`` orders, so a verbaliser lists one word per label in that order. Fields are stripped
-of surrounding whitespace before rendering (GLUE's SST-2 sentences end with a space; MeZO strips them too).
-
-Data comes from a local folder in the layout of the project's shared data (``sst2/train.tsv`` + ``dev.tsv`` with a
-``sentence\\tlabel`` header; ``cb`` and ``rte`` as ``train.jsonl`` + ``val.jsonl`` with string labels), or, where a
-hub is reachable and the ``datasets`` library is installed, from the Hugging Face datasets ``glue/sst2``,
-``super_glue/cb`` and ``super_glue/rte`` (integer labels, normalised through the dataset's label names; ``hf_path``
-and ``hf_config`` name another copy, e.g. a mirror with plain data files for ``datasets`` releases that no longer run
-loading scripts).
+Data come from a local folder in the GLUE / SuperGLUE layout (``SST-2/train.tsv`` + ``dev.tsv``; ``BoolQ/``,
+``CB/``, ``COPA/``, ``MultiRC/``, ``RTE/``, ``WiC/``, ``WSC/`` with ``train.jsonl`` + ``val.jsonl``; folder names
+in any case), read with the ``datasets`` library, or from the Hugging Face hub (``glue/sst2``, ``super_glue/<task>``)
+where one is reachable.
 """
 
 from __future__ import annotations
 
 from ..base import accuracy, classification_loss, evaluate
+from .choices import ChoiceBatch, choice_scores, encode_choices
 from .data import (
     DATA_DIR_ENV,
-    TASK_SPECS,
     TextExample,
     TextExamples,
-    TextTaskSpec,
     examples_from_records,
+    label_index,
     load_text_examples,
+    resolve_data,
 )
 from .logits import _FAST_PATH_OK, TextBatch, _full_logits, encode_prompts, verbalizer_logits, verbalizer_token_ids  # noqa: F401
-from .prompts import TEMPLATES, PromptTemplate
+from .prompts import FILTERS, PromptTemplate
+from .registry import TASK_SPECS, TEMPLATES, find_spec, get_spec, is_spec_file, register_spec
+from .spec import SCORING, FieldSource, TextTaskSpec, load_spec, spec_from_dict
 from .task import TextClassificationTask, load_text_task
 
 __all__ = [
     "DATA_DIR_ENV",
+    "FILTERS",
+    "SCORING",
     "TASK_SPECS",
     "TEMPLATES",
+    "ChoiceBatch",
+    "FieldSource",
     "PromptTemplate",
     "TextBatch",
     "TextClassificationTask",
@@ -53,12 +62,22 @@ __all__ = [
     "TextExamples",
     "TextTaskSpec",
     "accuracy",
+    "choice_scores",
     "classification_loss",
+    "encode_choices",
     "encode_prompts",
     "evaluate",
     "examples_from_records",
+    "find_spec",
+    "get_spec",
+    "is_spec_file",
+    "label_index",
+    "load_spec",
     "load_text_examples",
     "load_text_task",
+    "register_spec",
+    "resolve_data",
+    "spec_from_dict",
     "verbalizer_logits",
     "verbalizer_token_ids",
 ]
