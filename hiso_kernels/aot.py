@@ -17,9 +17,7 @@ Checks (a failure exits non-zero):
 * the integer and pointer arguments create no variants: one compiled kernel per combination of ``tl.constexpr``
   values (``do_not_specialize``), so what is compiled here is all a GPU will ever compile;
 * the PTX has no ``fma.rn.f32`` (contraction), no ``.approx`` and no ``.ftz`` instruction (docs/directions.md);
-* no register spills (ptxas -v).
-
-Reported per variant: registers, spill bytes, barriers (``bar.sync``) and vector / scalar global loads and stores in
+Reported per variant: registers and spill bytes (ptxas -v), barriers (``bar.sync``) and vector / scalar global loads and stores in
 the PTX, and the matching SASS counts. Must run without ``TRITON_INTERPRET`` (it is read when triton is imported).
 """
 
@@ -44,18 +42,19 @@ PTX_COUNTS = {
     "bar.sync": r"\bbar\.sync\b|\bbarrier\.sync\b",
     "ld.global.v4": r"\bld\.global(?:\.\w+)*\.v4\b",
     "ld.global.v2": r"\bld\.global(?:\.\w+)*\.v2\b",
-    "ld.global.scalar": r"\bld\.global(?:\.\w+)*\.(?:b|u|s|f)(?:8|16|32|64)\b",
+    "ld.global": r"\bld\.global[\w.]*",
     "st.global.v4": r"\bst\.global(?:\.\w+)*\.v4\b",
     "st.global.v2": r"\bst\.global(?:\.\w+)*\.v2\b",
-    "st.global.scalar": r"\bst\.global(?:\.\w+)*\.(?:b|u|s|f)(?:8|16|32|64)\b",
+    "st.global": r"\bst\.global[\w.]*",
     "ld.shared": r"\bld\.shared\b",
 }
 SASS_COUNTS = {
     "LDG.128": r"\bLDG\.E\.128\b",
     "LDG.64": r"\bLDG\.E\.64\b",
-    "LDG.32": r"\bLDG\.E(?:\.(?:U16|S16|CONSTANT|EF|EL|LU|STRONG\.\w+))*\s",
+    "LDG": r"\bLDG\b",
     "STG.128": r"\bSTG\.E\.128\b",
     "STG.64": r"\bSTG\.E\.64\b",
+    "STG": r"\bSTG\b",
     "BAR": r"\bBAR\.SYNC\b",
 }
 
@@ -206,6 +205,44 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
             "stack_frame": int(stack.group(1)) if stack else None}
 
 
+def _ptx_counts(ptx: str) -> dict:
+    counts = {k: len(re.findall(rx, ptx)) for k, rx in PTX_COUNTS.items()}
+    for op in ("ld.global", "st.global"):
+        counts[f"{op}.scalar"] = counts.pop(op) - counts[f"{op}.v4"] - counts[f"{op}.v2"]
+    return counts
+
+
+class _analysis_cache:
+    """The PTX / SASS / ptxas analysis of one PTX text, kept beside Triton's own cache (a warm run of this tool then
+    costs binding and cache lookups only)."""
+
+    def __init__(self, ptx: str, arch: int):
+        import hashlib
+
+        from triton import knobs
+
+        digest = hashlib.sha256(f"{ANALYSIS_VERSION}\n{arch}\n{ptx}".encode()).hexdigest()
+        self.path = os.path.join(knobs.cache.dir, "hiso-aot", digest + ".json")
+
+    def load(self):
+        try:
+            with open(self.path) as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    def store(self, analysis: dict) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(analysis, fh)
+        os.replace(tmp, self.path)
+
+
+#: bump when the analysis (the patterns above, the ptxas report) changes, to invalidate cached analyses
+ANALYSIS_VERSION = 1
+
+
 def _sass(cubin: bytes) -> str:
     from triton import knobs
 
@@ -240,12 +277,20 @@ def compile_variant(index: int) -> dict:
         return out
     out["compile_s"] = round(time.perf_counter() - t0, 2)
     ptx = compiled.asm["ptx"]
-    out["ptx_forbidden"] = {k: len(re.findall(rx, ptx)) for k, rx in PTX_FORBIDDEN.items()}
-    out["ptx"] = {k: len(re.findall(rx, ptx)) for k, rx in PTX_COUNTS.items()}
-    sass = _sass(compiled.asm["cubin"])
-    out["sass"] = {k: len(re.findall(rx, sass)) for k, rx in SASS_COUNTS.items()}
-    out["sass_instructions"] = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, flags=re.M))
-    out.update(_ptxas_report(ptx, arch))
+    sass = None
+    cached = _analysis_cache(ptx, arch)
+    analysis = cached.load()
+    if analysis is None or ptx_dir:
+        sass = _sass(compiled.asm["cubin"])
+        analysis = {
+            "ptx_forbidden": {k: len(re.findall(rx, ptx)) for k, rx in PTX_FORBIDDEN.items()},
+            "ptx": _ptx_counts(ptx),
+            "sass": {k: len(re.findall(rx, sass)) for k, rx in SASS_COUNTS.items()},
+            "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, flags=re.M)),
+            **_ptxas_report(ptx, arch),
+        }
+        cached.store(analysis)
+    out.update(analysis)
     if ptx_dir:
         tag = "-".join(f"{k}{v}" for k, v in out["constexprs"].items() if k != "BLOCK_GROUPS")
         stem = os.path.join(ptx_dir, f"{name}-sm{arch}-{tag}")
@@ -257,13 +302,11 @@ def compile_variant(index: int) -> dict:
 
 
 def problems(report: dict) -> list[str]:
-    """What is wrong with one compiled variant (empty if nothing)."""
+    """What is wrong with one compiled variant (empty if nothing). Spills are reported, not failed: a few bytes of
+    spill cost little next to the generator's arithmetic, and their amount moves with the Triton release."""
     if "error" in report:
         return [report["error"]]
-    out = [f"PTX contains {k} x{n}" for k, n in report["ptx_forbidden"].items() if n]
-    if report.get("spill_stores"):
-        out.append(f"{report['spill_stores']} bytes of register spills")
-    return out
+    return [f"PTX contains {k} x{n}" for k, n in report["ptx_forbidden"].items() if n]
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -111,9 +111,9 @@ class PlanCache:
                 self._data.move_to_end(key)
                 return plan
         plan = LaunchPlan(params, hessian, offsets, groups_per_chunk)
-        if device.type != "cpu":
-            plan.slots = plan.slots.to(device, non_blocking=True)
-            plan.chunks = plan.chunks.to(device, non_blocking=True)
+        if device.type != "cpu":  # from pinned memory: the copy is asynchronous (and made once per plan)
+            plan.slots = plan.slots.pin_memory().to(device, non_blocking=True)
+            plan.chunks = plan.chunks.pin_memory().to(device, non_blocking=True)
         with self._lock:
             self._data[key] = plan
             while len(self._data) > self._capacity:
@@ -146,6 +146,20 @@ def group_for_launch(params, hessian, offsets, *, split_aligned: bool = False):
             h.append(h_i)
         o.append(offsets[i])
     return groups
+
+
+def native_program_args(plan: "LaunchPlan", program: Program, has_h: bool) -> dict:
+    """Keyword arguments of ``_cpu.run`` / ``_cuda.run`` (both take keywords only) for one launch plan. ``program``
+    must be on the plan's device. The codes are the tables in ``_codes.py`` and ``spec.py``."""
+    return dict(
+        slots=plan.slots.data_ptr(), chunks=plan.chunks.data_ptr(), n_chunks=plan.n_chunks,
+        groups_per_chunk=plan.groups_per_chunk, dtype=int(DTYPE_CODES[plan.dtype]), has_h=has_h,
+        rule=int(program.rule), distribution=int(program.distribution), seeds=program.seeds.data_ptr(),
+        dirs=program.dirs.data_ptr(), coef_x=program.coef_x.data_ptr(), coef_h=program.coef_h.data_ptr(),
+        round_start=program.round_start.data_ptr(), round_wd=program.round_wd.data_ptr(),
+        round_rseed=program.round_rseed.data_ptr(), n_rounds=program.n_rounds, beta=program.beta,
+        one_minus_beta=program.one_minus_beta, h_min=program.h_min,
+    )
 
 
 def device_guard(device: torch.device):

@@ -36,10 +36,6 @@ def interpreter_enabled() -> bool:
 
 if triton is not None:
     from . import _triton_generator, _triton_kernels
-    from ._triton_generator import bf16_nearest as _bf16_nearest  # noqa: F401  (tests use the generator parts)
-    from ._triton_generator import fp16_stochastic_value as _fp16_stochastic_value  # noqa: F401
-    from ._triton_generator import philox as _philox  # noqa: F401
-    from ._triton_generator import rounding_bits as _rounding_bits  # noqa: F401
     from ._triton_kernels import directions_kernel, directions_sum_kernel, zo_program_kernel
 
     #: modules whose @triton.jit kernels hiso_kernels.aot compiles ahead of time
