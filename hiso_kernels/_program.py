@@ -15,7 +15,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,7 +90,7 @@ class Program:
         for r in range(self.n_rounds):
             yield r, slice(starts[r], starts[r + 1]), wds[r], rseeds[r]
 
-    def to(self, device: torch.device) -> "Program":
+    def to(self, device: torch.device) -> Program:
         return device_program(self, device)
 
 
@@ -254,8 +255,9 @@ class _DevicePrograms:
     def get(self, prog: Program, device: torch.device) -> Program:
         buf = _shared_buffer(prog)
         if buf is None:  # separate tensors (a direct op call): one copy per field
-            fields = {name: t.to(device, non_blocking=True) for (name, _), t in zip(TENSOR_FIELDS, prog.tensors())}
-            return dataclasses.replace(prog, **fields)
+            fields: dict[str, Any] = {name: t.to(device, non_blocking=True)
+                                      for (name, _), t in zip(TENSOR_FIELDS, prog.tensors())}
+            return _with_fields(prog, fields)
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         key = (device, stream, buf.numpy().tobytes()) if buf.numel() <= self._max_bytes else None
         if key is not None:
@@ -263,9 +265,9 @@ class _DevicePrograms:
                 hit = self._data.get(key)
                 if hit is not None:
                     self._data.move_to_end(key)
-                    return dataclasses.replace(prog, **hit)
+                    return _with_fields(prog, hit)
         dev = buf.to(device, non_blocking=True)  # asynchronous when buf is pinned
-        fields = {}
+        fields = {}  # name -> device tensor
         for (name, dtype), t in zip(TENSOR_FIELDS, prog.tensors()):
             start = t.storage_offset() * t.element_size()
             fields[name] = dev[start : start + t.numel() * t.element_size()].view(dtype)
@@ -274,7 +276,11 @@ class _DevicePrograms:
                 self._data[key] = fields
                 while len(self._data) > self._capacity:
                     self._data.popitem(last=False)
-        return dataclasses.replace(prog, **fields)
+        return _with_fields(prog, fields)
+
+
+def _with_fields(prog: Program, fields: dict[str, Any]) -> Program:
+    return dataclasses.replace(prog, **fields)
 
 
 def _shared_buffer(prog: Program) -> torch.Tensor | None:

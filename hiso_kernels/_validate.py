@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 
@@ -124,7 +125,7 @@ def check_no_overlap(tensors: list[torch.Tensor]) -> None:
         start = t.data_ptr()
         spans.append((start, start + t.numel() * t.element_size(), i))
     spans.sort()
-    for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+    for (_, e0, i0), (s1, _, i1) in itertools.pairwise(spans):
         if s1 < e0:
             raise ValueError(
                 f"tensors {min(i0, i1)} and {max(i0, i1)} share memory; each element may be updated only once per call"

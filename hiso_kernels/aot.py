@@ -17,8 +17,9 @@ Checks (a failure exits non-zero):
 * the integer and pointer arguments create no variants: one compiled kernel per combination of ``tl.constexpr``
   values (``do_not_specialize``), so what is compiled here is all a GPU will ever compile;
 * the PTX has no ``fma.rn.f32`` (contraction), no ``.approx`` and no ``.ftz`` instruction (docs/directions.md);
-Reported per variant: registers and spill bytes (ptxas -v), barriers (``bar.sync``) and vector / scalar global loads and stores in
-the PTX, and the matching SASS counts. Must run without ``TRITON_INTERPRET`` (it is read when triton is imported).
+Reported per variant: registers and spill bytes (ptxas -v), barriers (``bar.sync``) and vector / scalar global loads
+and stores in the PTX, and the matching SASS counts. Must run without ``TRITON_INTERPRET`` (triton reads it when it
+is imported).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 PTX_FORBIDDEN = {"fma.rn.f32": r"\bfma\.rn\.f32\b", ".approx": r"\.approx\b", ".ftz": r"\.ftz\b"}
 PTX_COUNTS = {
@@ -142,7 +144,7 @@ def drive_wrappers() -> list:
             params = [_tensor(numel, dtype, aligned), _tensor(3, dtype, True)]
             hessian = [_tensor(numel, torch.float32, aligned) + 1, _tensor(3, torch.float32, True) + 1] if with_h \
                 else None
-            kw = dict(offset=offset, distribution=dist, stochastic_rounding=sr, backend="triton")
+            kw: dict[str, Any] = dict(offset=offset, distribution=dist, stochastic_rounding=sr, backend="triton")
             if rule == "none":
                 hk.perturb_(params, seed, 1e-3, direction=p, hessian=hessian, **kw)
                 hk.zo_update_(params, seed, [p] * rounds, [1e-3] * rounds, hessian=hessian, weight_decay=1e-4, **kw)
@@ -297,7 +299,7 @@ def compile_variant(index: int) -> dict:
         with open(stem + ".ptx", "w") as fh:
             fh.write(ptx)
         with open(stem + ".sass", "w") as fh:
-            fh.write(sass)
+            fh.write(sass or "")
     return out
 
 

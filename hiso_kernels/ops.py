@@ -10,7 +10,7 @@ either one tensor per parameter or one flat tensor over all of them.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ def _run(
     program: Program,
     *,
     offset: int,
-    backend: Optional[str],
+    backend: str | None,
     check_hessian: bool,
 ) -> None:
     """Validate the tensors, then run one program. Nothing is written if any check fails."""
@@ -69,7 +69,7 @@ def _apply_program_op(
     beta: float,
     one_minus_beta: float,
     h_min: float,
-    backend: Optional[str],
+    backend: str | None,
     check_hessian: bool,
 ) -> None:
     """Run a program (the packed rounds of ``hiso_kernels._program``, as CPU tensors) in place on ``params`` and
@@ -95,7 +95,7 @@ def _perturb_op(
     offset: int,
     distribution: str,
     stochastic_rounding: bool,
-    backend: Optional[str],
+    backend: str | None,
     check_hessian: bool,
 ) -> None:
     """x <- x + alpha u(seed, direction) / sqrt(H) with scalar arguments (a convenience for callers of torch.ops;
@@ -111,7 +111,7 @@ def _(params, hessian, seed, alpha, direction, offset, distribution, stochastic_
 
 @torch.library.custom_op("hiso::directions", mutates_args=())
 def _directions_op(
-    seed: int, numel: int, direction: int, offset: int, distribution: str, device: torch.device, backend: Optional[str]
+    seed: int, numel: int, direction: int, offset: int, distribution: str, device: torch.device, backend: str | None
 ) -> torch.Tensor:
     seed = v.check_int("seed", seed, 0, spec.SEED_MAX)
     direction = v.check_int("direction", direction, 0, spec.DIRECTION_MAX)
@@ -160,9 +160,7 @@ def _call_op(params, hessian, program: Program, offset: int, backend, check_hess
 # ---------------------------------------------------------------- public Python API
 def _seq(name: str, value, n: int | None = None) -> list:
     """A scalar broadcast to length n, or a sequence (tensors and arrays accepted)."""
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    elif hasattr(value, "tolist") and not isinstance(value, (int, float)):
+    if isinstance(value, torch.Tensor) or (hasattr(value, "tolist") and not isinstance(value, (int, float))):
         value = value.tolist()
     if isinstance(value, (list, tuple, range)):
         return list(value)

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     print(report())
     print("\nagreement with the reference (perturb, HiSo round with stochastic rounding, replay):")
     ok = agreement()
-    print("\nthroughput (this machine, torch threads = %d):" % torch.get_num_threads())
+    print(f"\nthroughput (this machine, torch threads = {torch.get_num_threads()}):")
     throughput(args.numel)
     _ = directions(0, 4)  # the public generator works
     return 0 if ok else 1

@@ -77,7 +77,7 @@ class Distribution(enum.IntEnum):
     RADEMACHER = 1  # +-1 from the top bit of one Philox word
 
     @classmethod
-    def parse(cls, value: "str | int | Distribution") -> "Distribution":
+    def parse(cls, value: str | int | Distribution) -> Distribution:
         return _parse_enum(cls, value, "distribution")
 
 
@@ -99,7 +99,7 @@ class CurvatureRule(enum.IntEnum):
     STEIN = 2
 
     @classmethod
-    def parse(cls, value: "str | int | CurvatureRule") -> "CurvatureRule":
+    def parse(cls, value: str | int | CurvatureRule) -> CurvatureRule:
         return _parse_enum(cls, value, "curvature rule")
 
 

@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
-from helpers import DTYPES, assert_bitwise_equal
 
 import hiso_kernels as hk
+from helpers import DTYPES, assert_bitwise_equal
 from hiso_kernels import Round
 
 _rng = random.Random(20261126)

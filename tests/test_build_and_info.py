@@ -103,7 +103,7 @@ def test_forced_cuda_build_fails_loudly(monkeypatch):
     ext = Extension("hiso_kernels._cuda", sources=[])
     ext.cuda_sources = ["csrc/cuda/zo_cuda.cu"]
     monkeypatch.setenv("HISO_BUILD_CUDA", "1")
-    with pytest.raises(RuntimeError, match="building hiso_kernels._cuda failed"):
+    with pytest.raises(RuntimeError, match=r"building hiso_kernels\._cuda failed"):
         cmd.build_extension(ext)
     monkeypatch.setenv("HISO_BUILD_CUDA", "auto")
     warned = []
@@ -118,7 +118,8 @@ def test_integer_codes_agree_with_the_cpp_header():
     from hiso_kernels._codes import DTYPE_CODES, DType
     from hiso_kernels.spec import CurvatureRule, Distribution
 
-    text = open(os.path.join(ROOT, "csrc", "include", "hiso", "codes.h")).read()
+    with open(os.path.join(ROOT, "csrc", "include", "hiso", "codes.h")) as fh:
+        text = fh.read()
     enums = {m.group(1): dict((k, int(v)) for k, v in re.findall(r"(k\w+)\s*=\s*(\d+)", m.group(2)))
              for m in re.finditer(r"enum (\w+) : int \{([^}]*)\}", text)}
     camel = {"FLOAT32": "kFloat32", "BFLOAT16": "kBFloat16", "FLOAT16": "kFloat16", "GAUSSIAN": "kGaussian",
@@ -129,7 +130,8 @@ def test_integer_codes_agree_with_the_cpp_header():
     # no other file defines them
     for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True):
         if not path.endswith("codes.h"):
-            assert not re.search(r"enum \w+ : int \{ *k(Float32|Gaussian|RuleNone)", open(path).read()), path
+            with open(path) as fh:
+                assert not re.search(r"enum \w+ : int \{ *k(Float32|Gaussian|RuleNone)", fh.read()), path
 
 
 @pytest.mark.slow

@@ -13,11 +13,11 @@ import os
 
 import pytest
 import torch
-from helpers import DTYPES, assert_bitwise_equal, gpu_backends
 from test_backend_agreement import OPS, make_state
 from test_spec_vectors import GAUSSIAN_VECTORS, RADEMACHER_SIGNS, SR_BF16, SR_FP16
 
 import hiso_kernels as hk
+from helpers import DTYPES, assert_bitwise_equal, gpu_backends
 from hiso_kernels.backends import BACKENDS
 
 pytestmark = [

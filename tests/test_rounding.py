@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bitwise_equal
 
 import hiso_kernels as hk
+from helpers import assert_bitwise_equal
 from hiso_kernels.backends import reference
 
 HAVE_CPU = "cpu" in hk.available_backends()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, assert_bitwise_equal, host_fused_backends
 
 import hiso_kernels as hk
+from helpers import DTYPES, assert_bitwise_equal, host_fused_backends
 from hiso_kernels import Round
 
 BACKENDS = ["reference"] + host_fused_backends()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bitwise_equal, host_fused_backends
 
 import hiso_kernels as hk
+from helpers import assert_bitwise_equal, host_fused_backends
 from hiso_kernels import spec
 from hiso_kernels.backends import BACKENDS, reference
 
@@ -115,7 +115,7 @@ def _spec_gaussian_scalar(seed: int, p: int, j: int) -> np.float32:
     poly = f(2) + w2 * (f(spec.LOG_C1) + w2 * (f(spec.LOG_C2) + w2 * (f(spec.LOG_C3) + w2 * f(spec.LOG_C4))))
     radius = np.sqrt((f(e) * f(spec.LN2) + t * poly) * f(-2))
     q = rb >> 30
-    a = (f(((((rb & 0x3FFFFFFF) >> 7) << 1) | 1)) * f(spec.TWO_POW_M24) - f(0.5)) * f(spec.HALF_PI)
+    a = (f((((rb & 0x3FFFFFFF) >> 7) << 1) | 1) * f(spec.TWO_POW_M24) - f(0.5)) * f(spec.HALF_PI)
     a2 = a * a
     sa = a * (f(1) + a2 * (f(spec.SIN_C1) + a2 * (f(spec.SIN_C2) + a2 * (f(spec.SIN_C3) + a2 * f(spec.SIN_C4)))))
     ca = f(1) + a2 * (f(spec.COS_C1) + a2 * (f(spec.COS_C2) + a2 * (f(spec.COS_C3) + a2 * f(spec.COS_C4))))

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from helpers import host_fused_backends
 
 import hiso_kernels as hk
+from helpers import host_fused_backends
 from hiso_kernels import Round
 
 BACKENDS = ["reference"] + host_fused_backends()

@@ -96,5 +96,13 @@ def _warn_fallback(preferred: str, device: torch.device, chosen: str) -> None:
     )
 
 
-__all__ = ["AUTO_ORDER", "Backend", "BACKENDS", "DEPRECATED_NAMES", "ENV_BACKEND", "available_backends", "get_backend",
-           "select_backend"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "DEPRECATED_NAMES",
+    "ENV_BACKEND",
+    "Backend",
+    "available_backends",
+    "get_backend",
+    "select_backend",
+]

@@ -5,9 +5,11 @@ the Philox words and the Gaussian pairs are computed on ``[groups]`` vectors and
 one-dimensional ``[4 groups]`` block needs ``tl.interleave`` back to element order, which Triton lowers through
 shared memory with barriers.) Values carried across a loop stay ``[groups]`` lane vectors or derive from a load:
 a ``[groups, 4]`` ``tl.zeros`` carried by a loop gets Triton's default layout (four threads per row), and every
-iteration then pays layout conversions through shared memory. Every floating-point operation is one IEEE fp32 operation: the kernels are compiled with
-``enable_fp_fusion=False`` and use the correctly rounded ``div_rn`` / ``sqrt_rn``; bf16 is rounded with integer
-operations (the interpreter's own fp32 -> bf16 cast truncates).
+iteration then pays layout conversions through shared memory.
+
+Every floating-point operation is one IEEE fp32 operation: the kernels are compiled with ``enable_fp_fusion=False``
+and use the correctly rounded ``div_rn`` / ``sqrt_rn``; bf16 is rounded with integer operations (the interpreter's
+own fp32 -> bf16 cast truncates).
 
 No ``from __future__ import annotations`` here or in ``_triton_kernels.py``: Triton reads the kernels' annotations
 (``tl.int64``) as objects.

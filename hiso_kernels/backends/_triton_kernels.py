@@ -205,9 +205,8 @@ def zo_program_kernel(
         store_block(xp, first, numel, raw.to(tl.uint16), BLOCK_GROUPS, ALIGNED, 8)
     else:
         store_block(xp, first, numel, x.to(tl.float16), BLOCK_GROUPS, ALIGNED, 8)
-    if HAS_H:
-        if RULE != RULE_NONE:
-            store_block(hp, first, numel, h, BLOCK_GROUPS, ALIGNED, 16)
+    if HAS_H and RULE != RULE_NONE:
+        store_block(hp, first, numel, h, BLOCK_GROUPS, ALIGNED, 16)
 
 
 @triton.jit(do_not_specialize=["seed", "p", "start", "n"], do_not_specialize_on_alignment=["out_ptr"])

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import torch
 
-from .._codes import DTYPE_CODES  # noqa: F401  (the one table; re-exported for the backends)
+from .._codes import DTYPE_CODES
 from .._program import Program
 from ..spec import Distribution
 
@@ -65,7 +65,7 @@ class LaunchPlan:
     or up to the end of its tensor.
     """
 
-    __slots__ = ("slots", "chunks", "n_chunks", "groups_per_chunk", "dtype")
+    __slots__ = ("chunks", "dtype", "groups_per_chunk", "n_chunks", "slots")
 
     def __init__(self, params, hessian, offsets, groups_per_chunk: int):
         n = len(params)
@@ -148,7 +148,7 @@ def group_for_launch(params, hessian, offsets, *, split_aligned: bool = False):
     return groups
 
 
-def native_program_args(plan: "LaunchPlan", program: Program, has_h: bool) -> dict:
+def native_program_args(plan: LaunchPlan, program: Program, has_h: bool) -> dict:
     """Keyword arguments of ``_cpu.run`` / ``_cuda.run`` (both take keywords only) for one launch plan. ``program``
     must be on the plan's device. The codes are the tables in ``_codes.py`` and ``spec.py``."""
     return dict(

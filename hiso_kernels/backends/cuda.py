@@ -19,7 +19,7 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(index: int) -> str:
     """'' if the build runs on device ``index``, else why not (loads the kernels once; launches nothing)."""
     why, _ = _native.probe(index)

@@ -187,7 +187,7 @@ def apply_tensor(x: torch.Tensor, h: torch.Tensor | None, offset: int, prog: Pro
         rbits = rounding_bits(rseed, offset, n, device) if rseed >= 0 and x.dtype != torch.float32 else None
         xv = round_to_storage(y, x.dtype, rbits)
     x.copy_(xv.view_as(x))
-    if h is not None and prog.rule != CurvatureRule.NONE:
+    if h is not None and hv is not None and prog.rule != CurvatureRule.NONE:
         h.copy_(hv.view_as(h))
 
 
