@@ -216,11 +216,9 @@ def directions_kernel(out_ptr, seed: tl.int64, p: tl.int32, start: tl.int64, n: 
     pid = tl.program_id(0).to(tl.int64)
     start = start.to(tl.int64)
     g0 = (start >> 2) + pid * BLOCK_GROUPS
-    row = tl.arange(0, BLOCK_GROUPS)[:, None]
     g = g0 + tl.arange(0, BLOCK_GROUPS).to(tl.int64)
     u = directions(seed, p.to(tl.uint32), g, DIST)
-    local = 4 * g0 - start + (4 * row + tl.arange(0, 4)[None, :]).to(tl.int64)
-    tl.store(out_ptr + local, u, mask=(local >= 0) & (local < n))
+    store_block(out_ptr, 4 * g0 - start, n, u, BLOCK_GROUPS, False, 4)  # lane stores: start need not be aligned
 
 
 @triton.jit(do_not_specialize=["seed", "n_dirs", "start", "n"], do_not_specialize_on_alignment=["partial_ptr"])
