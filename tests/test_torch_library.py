@@ -93,6 +93,32 @@ def test_public_functions_pass_one_packed_program():
     assert prog.coef_h.tolist() == pytest.approx([0.3, 0.4, 0.0]) and prog.round_rseed.tolist() == [-1, -1]
 
 
+def test_device_copies_are_cached_by_content():
+    """A GPU backend gets a program's arrays with one copy of the packed buffer, and a program with the same content
+    (on the same device and stream) from a cache. The CPU 'copy' exercises the same code."""
+    import dataclasses
+
+    from hiso_kernels._program import _DevicePrograms
+
+    cache = _DevicePrograms()
+    cpu = torch.device("cpu")
+
+    def prog(seed):
+        return build_program([Round([seed, 5], [0, 1], [0.5, 0.25], [1.0, 2.0])], distribution="rademacher",
+                             rule="gsq", beta=0.9, h_min=1e-6, stochastic_rounding=True)
+
+    first = cache.get(prog(1), cpu)
+    assert all(torch.equal(a, b) for a, b in zip(first.tensors(), prog(1).tensors()))
+    assert first.rule == prog(1).rule and first.beta == prog(1).beta and len(cache._data) == 1
+    cache.get(prog(1), cpu)
+    assert len(cache._data) == 1  # same content: served from the cache
+    cache.get(prog(2), cpu)
+    assert len(cache._data) == 2
+    loose = dataclasses.replace(prog(3), seeds=prog(3).seeds.clone())  # separate tensors, as a direct op call
+    assert all(torch.equal(a, b) for a, b in zip(cache.get(loose, cpu).tensors(), prog(3).tensors()))
+    assert len(cache._data) == 2
+
+
 def test_torch_compile_of_a_mezo_step_matches_eager():
     """A MeZO step (perturb, loss, perturb back, loss, restore, update) compiled with torch.compile."""
     torch.manual_seed(0)
