@@ -23,8 +23,8 @@
 #
 # Files under $OUT (7): gpu_check.log (all output), aot.json, tests.log, <date>-<gpu>-check.{md,csv,json,png}.
 # Environment: PYTHON (default python3), CHECK_BUDGET_S (default 450: the whole script), HISO_CUDA_ARCH_LIST (default:
-# this GPU's), TEST_WORKERS (default 8), GPU_CHECK_INJECT_FAILURE=<step name> (make that step fail: tests the exit
-# status).
+# this GPU's), TEST_WORKERS (default 8), GPU_CHECK_TESTS (default "tests/test_gpu.py tests/test_spec_vectors.py"),
+# GPU_CHECK_INJECT_FAILURE=<env|build|aot|tests|bench> (make that step fail: tests the exit status).
 set -uo pipefail   # no -e: every step runs and reports; failures are collected for the summary and the exit status
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -102,7 +102,7 @@ say "== tests (pytest -n $WORKERS, HISO_SYNC_LAUNCHES=1)"
 XDIST="-n $WORKERS"
 "$PY" -c "import xdist" 2>/dev/null || XDIST=""
 HISO_SYNC_LAUNCHES=1 HISO_EXPECT_GPU_BACKENDS=$([ "$DRY" = "1" ] && echo "" || echo "cuda,triton") \
-  timeout 150 "$PY" -m pytest tests/test_gpu.py tests/test_spec_vectors.py -q -p no:cacheprovider $XDIST \
+  timeout 150 "$PY" -m pytest ${GPU_CHECK_TESTS:-tests/test_gpu.py tests/test_spec_vectors.py} -q -p no:cacheprovider $XDIST \
   > "$OUT/tests.log" 2>&1
 TEST_RC=$?
 tail -15 "$OUT/tests.log" | tee -a "$LOG"
