@@ -83,14 +83,14 @@ BUILD_PID=$!
 ( env -u TRITON_INTERPRET timeout 240 "$PY" -m hiso_kernels.aot --arch "${ARCH:-90}" --jobs "$JOBS" \
     --json "$OUT/aot.json" > "$OUT/.aot.log" 2>&1 ) &
 AOT_PID=$!
+wait $AOT_PID; AOT_RC=$?          # the shorter of the two: its time is its own
+T_AOT=$(( $(date +%s) - t ))
 wait $BUILD_PID; BUILD_RC=$?
 T_BUILD=$(( $(date +%s) - t ))
-wait $AOT_PID; AOT_RC=$?
-T_AOT=$(( $(date +%s) - t ))
 cat "$OUT/.build.log" >> "$LOG"; tail -3 "$OUT/.build.log"
 cat "$OUT/.aot.log" >> "$LOG"; tail -4 "$OUT/.aot.log"
 rm -f "$OUT/.build.log" "$OUT/.aot.log"
-result build $BUILD_RC $T_BUILD "$(ls hiso_kernels/_cuda*.so 2>/dev/null | head -1)"
+result build $BUILD_RC $T_BUILD "$([ $BUILD_RC -eq 0 ] && ls hiso_kernels/_cuda*.so 2>/dev/null | head -1)"
 result aot $AOT_RC $T_AOT "$(grep -E '^[0-9]+ variants' "$LOG" | tail -1)"
 timeout 60 "$PY" -m hiso_kernels.info 2>&1 | tee -a "$LOG"
 BACKENDS=$(timeout 60 "$PY" -c "import hiso_kernels as hk; print(','.join(hk.available_backends('cuda')))" 2>/dev/null)
