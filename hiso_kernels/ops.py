@@ -239,7 +239,8 @@ def perturb_(
 ) -> None:
     """x <- x + alpha * u(seed, direction) / sqrt(H), in place, in one pass (H optional, read only).
 
-    MeZO's perturb / restore: ``perturb_(p, s, mu)``, ``perturb_(p, s, -2 * mu)``, ``perturb_(p, s, mu)``.
+    MeZO's perturb / restore (arXiv 2305.17333): ``perturb_(p, s, mu)``, ``perturb_(p, s, -2 * mu)``,
+    ``perturb_(p, s, mu)``.
     """
     params = _params_arg(params)
     program = _perturb_program(seed, alpha, direction, distribution, stochastic_rounding, params)

@@ -87,7 +87,7 @@ class CurvatureRule(enum.IntEnum):
     With the per-term curvature coefficients b_i and directions u_i of a round, s = sqrt(H):
 
     * ``NONE``: H is read (scaling) but not written.
-    * ``GSQ`` (HiSo, authors' ``adam_forward.py``): v = (sum_i b_i u_i / s)^2.
+    * ``GSQ`` (HiSo, arXiv 2506.02370; the authors' ``adam_forward.py``): v = (sum_i b_i u_i / s)^2.
     * ``STEIN`` (second-difference rule): v = H * sum_i b_i (u_i^2 - 1); with b_i = Delta_i / P and
       Delta_i = (f(x+mu z_i) + f(x-mu z_i) - 2 f(x)) / (2 mu^2) this is an unbiased estimate of diag(A) for a quadratic.
 

@@ -46,7 +46,7 @@ def test_cuda_sources_compile(tmp_path, cu, arch):
     cmd = [NVCC, "-std=c++17", "-O3", "-fmad=false", f"-I{ROOT}/csrc/include", f"-I{os.path.dirname(cu)}",
            "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC", "-c", cu, "-o",
            str(tmp_path / "k.o")]
-    res = subprocess.run([*cmd[:-5], "-Xptxas", "-v", *cmd[-5:]], capture_output=True, text=True)
+    res = subprocess.run([*cmd[:-4], "-Xptxas", "-v", *cmd[-4:]], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     kernels = ptxas_report(res.stderr)
     assert kernels, res.stderr[-2000:]
