@@ -63,6 +63,12 @@ lint() {
     hiso/reporting.py hiso/cli.py hiso/settings.py
 }
 
+aot_triton() {
+  # triton 3.6.0 (the lent GPU machine's version) beside the venv's own, for tests/test_aot_compile.py; kept in .cache
+  [ -d .cache/triton-3.6.0/triton ] || "$VENV/bin/python" -m pip install -q --no-deps --target .cache/triton-3.6.0 \
+    "triton==3.6.0"
+}
+
 cmd=${1:-main}
 case "$cmd" in
   setup)
@@ -74,9 +80,10 @@ case "$cmd" in
     ;;
   test)
     setup
+    aot_triton
     shift || true
     lint
-    exec "$VENV/bin/python" -m pytest -q -n 2 "$@"
+    HISO_AOT_REQUIRED=1 exec "$VENV/bin/python" -m pytest -q -n 2 "$@"
     ;;
   bench)
     setup
