@@ -47,9 +47,9 @@ def _choices_table() -> dict[str, Callable[[], Sequence[str]]]:
         return tuple(d.name.lower() for d in Distribution)
 
     def backends() -> tuple[str, ...]:
-        from hiso_kernels.backends import BACKENDS
+        from hiso_kernels.backends import BACKENDS, DEPRECATED_NAMES
 
-        return tuple(BACKENDS)
+        return (*BACKENDS, *DEPRECATED_NAMES)  # deprecated names still work (with a warning)
 
     def aggregations() -> tuple[str, ...]:
         from .fl.protocol import AGGREGATIONS
@@ -344,10 +344,10 @@ def validate_train(args: argparse.Namespace) -> TrainPlan:
     first = configs[0]
     _check_device(first.device)
     if first.backend is not None:
-        from hiso_kernels.backends import available_backends
+        from hiso_kernels.backends import available_backends, get_backend
 
         usable = available_backends(first.device)
-        if first.backend not in usable:
+        if get_backend(first.backend).name not in usable:
             raise UsageError(f"--backend {first.backend}: not usable on {first.device} here; usable: "
                              f"{', '.join(usable)}")
     task_name, info = _check_task(first, args)  # reads the task's files (and checks the model's source)

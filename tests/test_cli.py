@@ -68,7 +68,7 @@ def _bad_cases(tmp: Path, tiny: Path) -> list[tuple[list[str], str]]:
         (["--curvature-rule", "stein", "--difference", "forward"], "the 'stein' curvature rule needs central"),
         (["--task-spec", str(spec)], "--task-spec: "),
         (["--task-spec", str(tmp / "none.toml")], "--task-spec: task spec file not found"),
-        (["--backend", "warp"], "--backend: invalid value 'warp'; choose from: torch, cpu, triton, cuda"),
+        (["--backend", "warp"], "--backend: invalid value 'warp'; choose from: reference, cpu, triton, cuda, torch"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ]
 

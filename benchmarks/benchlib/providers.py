@@ -21,14 +21,14 @@ def fused_backends(device: str) -> list[str]:
     from hiso_kernels.backends import AUTO_ORDER
 
     dev = torch.device(device)
-    names = [b for b in hk.available_backends(dev) if b != "torch"]
+    names = [b for b in hk.available_backends(dev) if b != "reference"]
     if dev.type == "cpu":
         names = [b for b in names if b != "triton"]
     order = AUTO_ORDER.get(dev.type, ())
     return sorted(names, key=lambda b: order.index(b) if b in order else len(order))  # preferred backend first
 
 
-#: the torch reference materialises every direction in fp32: include it only below this many element x terms
+#: the reference backend materialises every direction in fp32: include it only below this many element x terms
 REFERENCE_LIMIT = 1 << 20
 
 
@@ -37,7 +37,7 @@ def providers(case: Case, device: str, *, with_reference: bool = True) -> list[s
     backends = fused_backends(device)
     out = list(backends)
     if with_reference and case.numel * case.terms <= REFERENCE_LIMIT:
-        out.append("torch")
+        out.append("reference")
     if backends and case.kernel == "update":
         out.append(f"per-direction:{backends[0]}")
     if backends and case.kernel == "replay":
@@ -52,7 +52,7 @@ def providers(case: Case, device: str, *, with_reference: bool = True) -> list[s
 
 
 def is_fused(provider: str) -> bool:
-    return provider in BACKENDS and provider != "torch"
+    return provider in BACKENDS and provider != "reference"
 
 
 def make_state(case: Case, device: str, seed: int = 0):

@@ -295,8 +295,8 @@ def read_csv(path: str) -> list[dict]:
 
 
 #: one colour per provider in every panel
-_COLORS = {"cpu": "tab:blue", "cuda": "tab:blue", "triton": "tab:cyan", "torch": "tab:gray", "eager": "tab:red",
-           "compile": "tab:orange", "copy": "black", "randn": "tab:pink", "cpu+check": "tab:olive",
+_COLORS = {"cpu": "tab:blue", "cuda": "tab:blue", "triton": "tab:cyan", "reference": "tab:gray", "torch": "tab:gray",
+           "eager": "tab:red", "compile": "tab:orange", "copy": "black", "randn": "tab:pink", "cpu+check": "tab:olive",
            "cuda+check": "tab:olive"}
 
 
