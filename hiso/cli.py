@@ -1,11 +1,14 @@
 """The ``hiso`` command line.
 
     hiso train [--config FILE.toml] [--methods hiso decomfl] [--key value ...]   federated fine-tuning (simulated)
+    hiso train --resume DIR                                                        continue an interrupted run
+    hiso export --log DIR/hiso/journal.hsj --out MODEL_DIR [--model NAME]          weights from a round log alone
     hiso info                                                                      version, kernels, backends
 
 ``hiso train`` runs each method with the same data split, seeds and model initialisation, prints progress and a
 summary table, and writes ``metrics.jsonl``, ``metrics.csv``, ``summary.md`` and ``curves.png`` (accuracy against
-rounds and against bytes sent) to ``--out``. Settings come from the TOML file's ``[train]`` table (and per-method
+rounds and against bytes sent), per method the round log ``<method>/journal.hsj`` and the weights ``<method>/model/``,
+and ``fingerprints.json`` to ``--out`` (:mod:`hiso.fl.runs`). Settings come from the TOML file's ``[train]`` table (and per-method
 tables ``[methods.<name>]``, e.g. a learning rate), overridden by flags.
 """
 
@@ -55,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--methods", nargs="+", choices=METHODS, help="methods to run (default: the config's)")
     train.add_argument("--out", default=None, help="output folder (default: runs/<task>-<date-time>)")
     train.add_argument("--quiet", action="store_true", help="no progress lines")
+    train.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its settings)")
+    export = sub.add_parser("export", help="rebuild trained weights from a round log (the log is the model)")
+    export.add_argument("--log", required=True, help="a journal: DIR/<method>/journal.hsj")
+    export.add_argument("--out", required=True, help="folder for the weights")
+    export.add_argument("--model", help="causal LM name or folder, if not the journal's")
     defaults = SimulationConfig()
     for name in _fields():
         if name == "method":
@@ -109,6 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         print(report())
         print(integrations_report())
         return 0
+    if args.command == "export":
+        from .fl.journal import JournalError
+        from .fl.runs import export
+
+        try:
+            print(f"sha256 {export(args.log, args.out, args.model)}")
+        except (OSError, ValueError, JournalError) as exc:
+            print(f"hiso: {exc}", file=sys.stderr)
+            return 2
+        return 0
     return train(args)
 
 
@@ -127,22 +145,29 @@ def integrations_report() -> str:
 
 
 def train(args) -> int:
+    from .fl.runs import RunFolder
     from .fl.simulation import build, run
 
-    base, methods, per_method = load_settings(args)
-    configs = []
-    try:
-        for m in methods:
-            configs.append(SimulationConfig(**{**base, **per_method.get(m, {}), "method": m}))
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"hiso: invalid settings: {exc}") from None
-    out = args.out or os.path.join("runs", f"{configs[0].task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump([dataclasses.asdict(c) for c in configs], fh, indent=1)
-    rows: list[dict] = []
-    with open(os.path.join(out, "metrics.jsonl"), "w") as jsonl:
+    if args.resume:
+        folder, configs, rows, plan = _resume(args)
+        out = folder.out
+    else:
+        base, methods, per_method = load_settings(args)
+        configs = []
+        try:
+            for m in methods:
+                configs.append(SimulationConfig(**{**base, **per_method.get(m, {}), "method": m}))
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"hiso: invalid settings: {exc}") from None
+        out = args.out or os.path.join("runs", f"{configs[0].task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as fh:
+            json.dump([dataclasses.asdict(c) for c in configs], fh, indent=1)
+        folder, rows, plan = RunFolder(out), [], {}
+    with open(os.path.join(out, "metrics.jsonl"), "a" if args.resume else "w") as jsonl:
         for cfg in configs:
+            if args.resume and cfg.method not in plan:
+                continue  # finished before the interruption
             print(f"== {cfg.method}: {cfg.task}, {cfg.rounds} rounds, {cfg.n_clients} clients "
                   f"({cfg.clients_per_round} per round), K={cfg.local_steps}, P={cfg.num_directions}, "
                   f"lr={cfg.lr:g}, mu={cfg.mu:g}", flush=True)
@@ -159,7 +184,11 @@ def train(args) -> int:
                           f"acc {row['accuracy']:.4f}  eval loss {loss}  up {human_bytes(row['bytes_up'])}  "
                           f"{row['seconds']:.0f}s", flush=True)
 
-            run(cfg, on_eval=report, setup=setup)
+            state = plan.get(cfg.method, {})
+            run(cfg, on_eval=report, setup=setup, journal=folder.prepare(cfg.method), resume=state.get("resume", False),
+                evaluated=state.get("evaluated", ()), elapsed=state.get("elapsed", 0.0),
+                on_round=folder.saver(cfg, setup.model, setup.tokenizer))
+            folder.finish(cfg.method, setup.model, setup.tokenizer)
     write_csv(rows, os.path.join(out, "metrics.csv"))
     table = summary_table(rows)
     with open(os.path.join(out, "summary.md"), "w") as fh:
@@ -171,6 +200,23 @@ def train(args) -> int:
         print("(matplotlib not installed: no plot)")
     print(f"\nresults in {out}")
     return 0
+
+
+def _resume(args):
+    """The run folder, configs, kept rows and per-method plan of ``hiso train --resume DIR``."""
+    from .fl.journal import JournalError
+    from .fl.runs import RunFolder
+
+    given = [name for name in _fields() if getattr(args, name, None) is not None]
+    if args.config or args.methods or args.out or given:
+        raise SystemExit("hiso: --resume DIR takes every setting from DIR/config.json; give no other settings")
+    folder = RunFolder(args.resume)
+    try:
+        configs = folder.load_configs()
+        rows, plan = folder.resume_plan(configs)
+    except (OSError, ValueError, JournalError) as exc:
+        raise SystemExit(f"hiso: cannot resume: {exc}") from None
+    return folder, configs, rows, plan
 
 
 if __name__ == "__main__":
