@@ -116,10 +116,10 @@ class Journal:
         """Parse and verify a whole journal (see the module doc); raises :class:`JournalError` naming the first bad
         entry."""
         blob = bytes(blob)
+        if len(blob) < 8 and MAGIC.startswith(blob[:4]):
+            raise JournalError(name, -1, 0, f"is truncated ({len(blob)} bytes)")
         if blob[:4] != MAGIC:
             raise JournalError(name, -1, 0, "is not a hiso journal (bad magic)")
-        if len(blob) < 8:
-            raise JournalError(name, -1, 4, "is truncated")
         (n,) = _LEN.unpack_from(blob, 4)
         end = 8 + n
         if n > MAX_FRAME or end + CHECK_BYTES > len(blob):

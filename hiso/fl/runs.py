@@ -32,7 +32,8 @@ CNN_WEIGHTS = "model.pt"
 LOAD_CNN = ("import torch; from hiso.tasks import SmallCNN; model = SmallCNN(); "
             "model.load_state_dict(torch.load('FOLDER/model.pt'))")
 LOAD_HF = ("from transformers import AutoModelForCausalLM, AutoTokenizer; "
-           "model = AutoModelForCausalLM.from_pretrained('FOLDER'); tokenizer = AutoTokenizer.from_pretrained('FOLDER')")
+           "model = AutoModelForCausalLM.from_pretrained('FOLDER'); "
+           "tokenizer = AutoTokenizer.from_pretrained('FOLDER')")
 
 
 def save_weights(model: torch.nn.Module, tokenizer, folder: str) -> None:

@@ -17,7 +17,7 @@ import struct
 
 from . import keys, robust
 from .journal import Journal
-from .messages import ClientReply, RoundAssignment, RoundRecord, is_finite_block
+from .messages import MAX_CATCH_UP, ClientReply, RoundAssignment, RoundRecord, is_finite_block
 from .protocol import FLConfig, Replica
 
 log = logging.getLogger("hiso.fl")
@@ -173,7 +173,11 @@ class Server:
         seeds = keys.round_seeds(self.run_key, self.iteration, self.config.local_steps)
         self._open = (self.round, clients, seeds)
         self._replies, self._clipped_now, self._behind = {}, [], {}
-        return [RoundAssignment(self.round, c, seeds, tuple(self.records[self.client_round[c]:])) for c in clients]
+        # a client further behind than one message carries gets the first chunk; it reports what it holds and is
+        # sent the rest (hiso.integrations.flower.transport)
+        return [RoundAssignment(self.round, c, seeds,
+                                tuple(self.records[self.client_round[c]:self.client_round[c] + MAX_CATCH_UP]))
+                for c in clients]
 
     @property
     def open_clients(self) -> list[int]:
