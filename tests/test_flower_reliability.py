@@ -5,15 +5,22 @@ directly (tests/test_flower.py's ``direct_reference``)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 flwr = pytest.importorskip("flwr")
 
-from test_flower import CONFIG, N_NODES, PER_ROUND, ROUNDS, bits_equal, direct_reference, grid_with, make_model, \
-    new_server  # noqa: E402
+from test_flower import (  # noqa: E402
+    CONFIG,
+    N_NODES,
+    PER_ROUND,
+    ROUNDS,
+    bits_equal,
+    direct_reference,
+    grid_with,
+    make_model,
+    new_server,
+)
 
 from hiso.fl import FLConfig, Journal, Replica, RoundRecord, Server  # noqa: E402
 from hiso.integrations import flower as hf  # noqa: E402
