@@ -7,9 +7,9 @@
 
 ``hiso train`` runs each method with the same data split, seeds and model initialisation, prints progress and a
 summary table, and writes ``metrics.jsonl``, ``metrics.csv``, ``summary.md`` and ``curves.png`` (accuracy against
-rounds and against bytes sent), per method the round log ``<method>/journal.hsj`` and the weights ``<method>/model/``,
-and ``fingerprints.json`` to ``--out`` (:mod:`hiso.fl.runs`). Settings come from the TOML file's ``[train]`` table (and per-method
-tables ``[methods.<name>]``, e.g. a learning rate), overridden by flags.
+rounds and against bytes sent), per method the round log ``<method>/journal.hsj`` and the weights
+``<method>/model/``, and ``fingerprints.json`` to ``--out`` (:mod:`hiso.fl.runs`). Settings come from the TOML file's
+``[train]`` table (and per-method tables ``[methods.<name>]``, e.g. a learning rate), overridden by flags.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def train(args) -> int:
             state = plan.get(cfg.method, {})
             run(cfg, on_eval=report, setup=setup, journal=folder.prepare(cfg.method), resume=state.get("resume", False),
                 evaluated=state.get("evaluated", ()), elapsed=state.get("elapsed", 0.0),
-                on_round=folder.saver(cfg, setup.model, setup.tokenizer))
+                after_round=folder.saver(cfg, setup.model, setup.tokenizer))
             folder.finish(cfg.method, setup.model, setup.tokenizer)
     write_csv(rows, os.path.join(out, "metrics.csv"))
     table = summary_table(rows)

@@ -123,6 +123,7 @@ def _fuzz_submit(n):
     check()
 
 
+@pytest.mark.slow
 def test_fuzz_server_submit():
     _fuzz_submit(CASES)
 
@@ -168,13 +169,16 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict  # noqa: E40
 
 from hiso.integrations.flower import transport  # noqa: E402
 
+_SENT: list[Message] = []
+
 
 def _flower_reply(content) -> Message:
-    from flwr.supercore.task_identity import TaskIdentity
+    if not _SENT:  # one message the replies answer (building it per case would double the cost)
+        from flwr.supercore.task_identity import TaskIdentity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # what Flower's runtimes set
-    out = Message(RecordDict({"x": ConfigRecord({})}), dst_node_id=7, message_type=MessageType.TRAIN)
-    return Message(content, reply_to=out)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # what Flower's runtimes set
+        _SENT.append(Message(RecordDict({"x": ConfigRecord({})}), dst_node_id=7, message_type=MessageType.TRAIN))
+    return Message(content, reply_to=_SENT[0])
 
 
 def _record(values: dict) -> RecordDict:
@@ -229,6 +233,7 @@ def _fuzz_flower(n):
     check()
 
 
+@pytest.mark.slow
 def test_fuzz_flower_reply_handler():
     _fuzz_flower(CASES)
 

@@ -12,6 +12,7 @@ logs in ``--out``. Used by ``tests/test_flower_deploy.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -66,10 +67,8 @@ class Deployment:
     def stop(self) -> None:
         for proc in self.procs:  # each was started in its own session: end it and its children
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for proc in self.procs:
             try:
                 proc.wait(timeout=10)

@@ -42,8 +42,9 @@ def save_weights(model: torch.nn.Module, tokenizer, folder: str) -> None:
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(tmp, safe_serialization=True)
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         how = LOAD_HF
@@ -91,14 +92,14 @@ class RunFolder:
         return sha
 
     def saver(self, config: SimulationConfig, model: torch.nn.Module, tokenizer):
-        """``on_round`` callback writing the weights every ``config.save_every`` rounds (None if 0)."""
+        """``after_round`` callback writing the weights every ``config.save_every`` rounds (None if 0)."""
         if not config.save_every:
             return None
 
-        def on_round(rnd: int) -> None:
+        def after_round(rnd: int) -> None:
             if rnd % config.save_every == 0:
                 save_weights(model, tokenizer, self.model_dir(config.method))
-        return on_round
+        return after_round
 
     def prepare(self, method: str) -> str | None:
         """Make the method's folder; its journal path for scalar-only methods (None for the baselines)."""

@@ -119,12 +119,12 @@ def params_sha256(params) -> str:
 
 def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = None, setup: Setup | None = None,
         journal: str | None = None, resume: bool = False, evaluated: Collection[int] = (), elapsed: float = 0.0,
-        on_round: Callable[[int], None] | None = None) -> list[dict]:
+        after_round: Callable[[int], None] | None = None) -> list[dict]:
     """Run one method; returns one metrics row per evaluation (also passed to ``on_eval``).
 
     Scalar-only methods write their log to ``journal`` (a path) if given; ``resume`` continues from it instead
     (rounds whose rows exist, ``evaluated``, are not evaluated again; ``elapsed`` seconds carry over).
-    ``on_round(r)`` is called after each round (e.g. to save weights)."""
+    ``after_round(r)`` is called after each round of a scalar-only method (e.g. to save weights)."""
     setup = setup or build(config)
     metrics = RunMetrics(config.method)
     metrics.started -= elapsed
@@ -141,7 +141,7 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
 
     if config.method in ("hiso", "decomfl"):
         run_scalar_only(config, setup, metrics, evaluate, journal=journal, resume=resume, evaluated=evaluated,
-                        on_round=on_round)
+                        after_round=after_round)
         return rows
     if resume:
         raise ValueError(f"{config.method} keeps no journal and cannot resume; run it again")
@@ -182,7 +182,7 @@ def _resume_state(config: SimulationConfig, server: Server, streams: list[BatchS
 
 def run_scalar_only(config: SimulationConfig, setup: Setup, metrics: RunMetrics, evaluate: Callable[..., None], *,
                     journal: str | None = None, resume: bool = False, evaluated: Collection[int] = (),
-                    on_round: Callable[[int], None] | None = None) -> None:
+                    after_round: Callable[[int], None] | None = None) -> None:
     """HiSo / DeComFL: the protocol's server and clients in one process, bytes counted from the encoded messages."""
     model = setup.model
     streams = client_streams(config, setup)
@@ -232,8 +232,8 @@ def run_scalar_only(config: SimulationConfig, setup: Setup, metrics: RunMetrics,
         for loss in note["losses"]:
             metrics.add_train_loss(loss)
         metrics.rejections += note["rejected"]
-        if on_round is not None:
-            on_round(rnd)
+        if after_round is not None:
+            after_round(rnd)
         if diverged or (record is None and not all(torch.isfinite(p).all() for p in replica.params)):
             evaluate(rnd, diverged=True)  # the model diverged (non-finite parameters): nothing more can happen
             break
