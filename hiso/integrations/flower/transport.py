@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -62,8 +63,10 @@ def params_digest(params) -> bytes:
 
 
 def run_uid(server: Server) -> bytes:
-    """The run's public id (nodes key their state by it): a PRF of the secret run key, which it does not reveal."""
-    return keys.prf(server.run_key, b"run-uid")[:16]
+    """The run's public id (nodes key their state by it): a PRF of the secret run key (which it does not reveal) and
+    of the journal's header, so runs with other settings never share node state."""
+    header = hashlib.sha256(json.dumps(server.journal.header, sort_keys=True).encode()).digest()
+    return keys.prf(server.run_key, b"run-uid" + header)[:16]
 
 
 # ---------------------------------------------------------------------------------------------------- client side
