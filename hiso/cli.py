@@ -1,12 +1,16 @@
 """The ``hiso`` command line (also ``python -m hiso``).
 
     hiso train [--config NAME|FILE] [--task NAME | --task-spec FILE] [--methods ...] [--key value ...]
+    hiso train --resume DIR                           continue an interrupted run from its round logs
+    hiso export --log DIR/hiso/journal.hsj --out MODEL_DIR [--model NAME]   weights from a round log alone
     hiso tasks                                        the tasks, their scoring, labels and templates
     hiso info                                         version, kernels, backends, installed integrations
 
 ``hiso train`` runs each method with the same data split, seeds and model initialisation, shows a progress bar per
 round and a line per evaluation, and writes ``config.json``, ``metrics.jsonl`` (strict JSON), ``metrics.csv``,
-``summary.md`` and ``curves.png`` to ``--out`` (and TensorBoard scalars with ``--tensorboard``). Settings come from
+``summary.md`` and ``curves.png`` to ``--out`` (and TensorBoard scalars with ``--tensorboard``), and per method the
+round log ``<method>/journal.hsj`` and the weights ``<method>/model/``, and ``fingerprints.json`` (sha256 of each
+method's final parameters; :mod:`hiso.fl.runs`). Settings come from
 the config's ``[train]`` table (and ``[methods.<name>]`` tables, e.g. a learning rate per method), overridden by
 flags; ``--config`` takes a file or the name of a packaged config (``fashion_mnist``).
 
@@ -66,6 +70,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar or evaluation lines")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
     g.add_argument("--no-plot", action="store_true", help="do not draw curves.png")
+    g.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (with DIR's settings: give "
+                                                    "no other settings)")
     g = parser.add_argument_group("settings (SimulationConfig fields; config-file keys use underscores)")
     defaults = SimulationConfig()
     for name, spec in st.field_specs().items():
@@ -92,7 +98,12 @@ def _train_description() -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    plan = st.validate_train(args)  # every check; raises UsageError before anything heavy or any file is written
+    # every check; raises UsageError before anything heavy or any file is written
+    if args.resume:
+        plan, rows, resume = st.validate_resume(args)
+    else:
+        plan, rows, resume = st.validate_train(args), [], None
+    from .fl.runs import RunFolder
     from .fl.simulation import build, run
     from .reporting import (
         RoundProgress,
@@ -106,11 +117,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     out = plan.out
     created = not os.path.exists(out)
-    rows: list[dict] = []
+    folder = RunFolder(out)
     tb: TensorBoardLogger | None = None
     jsonl: TextIO | None = None
     try:
-        for i, cfg in enumerate(plan.configs):
+        for cfg in plan.configs:
+            if resume is not None and cfg.method not in resume:
+                continue  # finished before the interruption
+            state = (resume or {}).get(cfg.method, {})
             if not args.quiet:
                 print(f"== {cfg.method}: {plan.task_name}, {cfg.rounds} rounds, {cfg.n_clients} clients "
                       f"({cfg.clients_per_round} per round), K={cfg.local_steps}, P={cfg.num_directions}, "
@@ -119,11 +133,13 @@ def run_train(args: argparse.Namespace) -> int:
                 setup = build(cfg)
             except (OSError, ValueError, RuntimeError, ImportError) as exc:
                 raise st.RunError(f"could not set up {cfg.method}: {exc}") from exc
-            if i == 0:  # the folder appears only once the first setup (model and data) has loaded
+            if jsonl is None:  # the folder appears only once the first setup (model and data) has loaded
                 os.makedirs(out, exist_ok=True)
-                with open(os.path.join(out, "config.json"), "w") as fh:
-                    json.dump([dataclasses.asdict(c) for c in plan.configs], fh, indent=1)
-                jsonl = open(os.path.join(out, "metrics.jsonl"), "w")  # noqa: SIM115 (closed in finally)
+                if resume is None:
+                    with open(os.path.join(out, "config.json"), "w") as fh:
+                        json.dump([dataclasses.asdict(c) for c in plan.configs], fh, indent=1)
+                # a resumed run appends to the rows kept by validate_resume
+                jsonl = open(os.path.join(out, "metrics.jsonl"), "a" if resume is not None else "w")  # noqa: SIM115
                 tb = TensorBoardLogger(os.path.join(out, "tensorboard")) if args.tensorboard else None
             progress = RoundProgress(cfg.rounds, cfg.method, enabled=not args.quiet)
 
@@ -139,9 +155,13 @@ def run_train(args: argparse.Namespace) -> int:
                 progress.write(eval_line(row, cfg.rounds))
 
             try:
-                run(cfg, on_eval=report, setup=setup, on_round=progress.round_done)
+                run(cfg, on_eval=report, setup=setup, on_round=progress.round_done,
+                    journal=folder.prepare(cfg.method), resume=state.get("resume", False),
+                    evaluated=state.get("evaluated", ()), elapsed=state.get("elapsed", 0.0),
+                    after_round=folder.saver(cfg, setup.model, setup.tokenizer))
             finally:
                 progress.close()
+            folder.finish(cfg.method, setup.model, setup.tokenizer)
     except BaseException:
         if created and not rows and os.path.isdir(out):
             shutil.rmtree(out, ignore_errors=True)  # nothing was measured: leave no folder behind
@@ -162,6 +182,32 @@ def run_train(args: argparse.Namespace) -> int:
         except ImportError:
             print("(matplotlib not installed: no plot; pip install matplotlib)")
     print(f"\nresults in {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hiso export
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log", required=True, help="a round log (journal): DIR/<method>/journal.hsj")
+    parser.add_argument("--out", required=True, help="folder for the weights")
+    parser.add_argument("--model", help="causal LM name or folder, if not the journal's")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .fl.journal import JournalError
+    from .fl.runs import export
+
+    if not os.path.isfile(args.log):
+        raise UsageError(f"--log {args.log}: no such file")
+    try:
+        print(f"sha256 {export(args.log, args.out, args.model)}")
+    except (ValueError, JournalError) as exc:
+        raise UsageError(f"--log {args.log}: {exc}") from None
+    except OSError as exc:
+        raise st.RunError(f"export failed: {exc}") from None
     return 0
 
 
@@ -235,6 +281,8 @@ def integrations_report() -> str:
 COMMANDS: dict[str, Command] = {
     "train": Command("federated fine-tuning in one process (HiSo, DeComFL, MeZO, FedAvg)", _train_arguments, run_train,
                      _train_description),
+    "export": Command("rebuild trained weights from a round log alone (the log is the model)", _export_arguments,
+                      run_export),
     "tasks": Command("list the tasks (scoring, labels, templates), or check a task spec file", _tasks_arguments,
                      run_tasks),
     "info": Command("version, built kernels, available backends, installed integrations", _no_arguments, run_info),

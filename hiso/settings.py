@@ -360,3 +360,30 @@ def validate_train(args: argparse.Namespace) -> TrainPlan:
     title = (f"{task_name}{model}: {first.n_clients} clients, {first.clients_per_round} per round, "
              f"K={first.local_steps}, P={first.num_directions}, {first.split} split")
     return TrainPlan(configs, out, task_name, title)
+
+
+def validate_resume(args: argparse.Namespace) -> tuple[TrainPlan, list[dict], dict[str, dict]]:
+    """``hiso train --resume DIR``: DIR's own settings (``config.json``), the metrics rows to keep and, per
+    unfinished method, how to continue it (:meth:`hiso.fl.runs.RunFolder.resume_plan`)."""
+    from .fl.journal import JournalError
+    from .fl.runs import RunFolder
+
+    given = [name for name in field_specs() if getattr(args, name, None) is not None]
+    given += [flag for flag, value in (("--config", args.config), ("--methods", args.methods), ("--out", args.out),
+                                       ("--task-spec", args.task_spec)) if value]
+    if given:
+        raise UsageError(f"--resume DIR takes every setting from DIR/config.json; drop {', '.join(given)}")
+    if not os.path.isdir(args.resume):
+        raise UsageError(f"--resume {args.resume}: no such folder")
+    folder = RunFolder(args.resume)
+    try:
+        configs = folder.load_configs()
+        rows, plan = folder.resume_plan(configs)
+    except (OSError, ValueError, TypeError, JournalError) as exc:
+        raise UsageError(f"--resume {args.resume}: cannot resume: {exc}") from None
+    first = configs[0]
+    _check_device(first.device)
+    title = (f"{first.task}: {first.n_clients} clients, {first.clients_per_round} per round, "
+             f"K={first.local_steps}, P={first.num_directions}, {first.split} split (resumed)")
+    return TrainPlan(configs, args.resume, first.task, title), rows, plan
+

@@ -153,7 +153,7 @@ def test_checkpoint_is_small_and_resumes_exactly():
     for _ in range(5):
         for a in server.begin_round():
             scalars, curv, _ = run_local_steps(server.replica, a.seeds, batch_source(model, a.client))
-            server.submit(ClientReply(a.round, a.client, scalars, curv))
+            server.submit(ClientReply(a.round, a.client, scalars, curv), sender=a.client)
         server.end_round()
     blob = server.checkpoint()
     assert len(blob) < 2048
@@ -199,11 +199,7 @@ def test_hostile_reply_is_rejected_and_round_completes(kind):
     _round_with(server, {}, model)  # a normal round first, so "stale" has a past round to point at
     before = bits_of(server.replica)
     twin_model = make_model()
-    twin = Server(config, 4, 4, replica=Replica(twin_model.parameters(), config), sampling_seed=0,
-                  experiment_seed=5)
-    twin.records = list(server.records)
-    twin.replica.apply(twin.records)
-    twin.client_round = list(server.client_round)
+    twin = Server.restore(server.checkpoint(), replica=Replica(twin_model.parameters(), config))
     # the hostile client is client 2; its twin run simply never hears from it
     _, results, record = _round_with(server, {2: HOSTILE[kind]}, model)
     assert results[2] is False and server.rejections and server.rejections[-1][0] == 1
@@ -214,7 +210,7 @@ def test_hostile_reply_is_rejected_and_round_completes(kind):
         if a.client == 2:
             continue
         scalars, curv, _ = run_local_steps(twin.replica, a.seeds, batch_source(twin_model, a.client))
-        twin.submit(ClientReply(a.round, a.client, scalars, curv))
+        twin.submit(ClientReply(a.round, a.client, scalars, curv), sender=a.client)
     twin_record = twin.end_round()
     assert twin_record == record  # the hostile reply changed nothing in the log
     for a, b in zip(bits_of(server.replica), bits_of(twin.replica)):
@@ -226,8 +222,8 @@ def test_duplicate_reply_rejected():
     config = FLConfig(method="decomfl", local_steps=1, num_directions=2)
     server = Server(config, 2, 2, sampling_seed=0)
     a = server.begin_round()[0]
-    assert server.submit(ClientReply(a.round, a.client, ((1.0, 2.0),)))
-    assert not server.submit(ClientReply(a.round, a.client, ((1.0, 2.0),)))
+    assert server.submit(ClientReply(a.round, a.client, ((1.0, 2.0),)), sender=a.client)
+    assert not server.submit(ClientReply(a.round, a.client, ((1.0, 2.0),)), sender=a.client)
     assert "duplicate" in server.rejections[-1][2]
 
 
@@ -235,7 +231,7 @@ def test_round_without_valid_replies_leaves_everything_unchanged():
     config = FLConfig(method="decomfl", local_steps=1, num_directions=2)
     server = Server(config, 2, 2, sampling_seed=0)
     for a in server.begin_round():
-        server.submit(ClientReply(a.round, a.client, ((float("nan"), 1.0),)))
+        server.submit(ClientReply(a.round, a.client, ((float("nan"), 1.0),)), sender=a.client)
     assert server.end_round() is None and server.records == []
 
 
@@ -244,7 +240,7 @@ def test_aggregation_rules(aggregation, expected):
     config = FLConfig(method="decomfl", local_steps=1, num_directions=1)
     server = Server(config, 4, 4, aggregation=aggregation, trim=0.25, sampling_seed=0)
     for a, v in zip(server.begin_round(), [1.0, 2.0, 3.0, 99.0]):
-        server.submit(ClientReply(a.round, a.client, ((v,),)))
+        server.submit(ClientReply(a.round, a.client, ((v,),)), sender=a.client)
     assert server.end_round().scalars[0][0] == pytest.approx(expected)
 
 

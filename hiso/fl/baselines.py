@@ -22,7 +22,7 @@ def run_mezo(config, setup: Setup, metrics: RunMetrics, end_round: Callable[[int
     union = BatchStream(setup.task, setup.task.train_examples, config.batch_size, config.seed, config.device)
     opt = ZOSGD(setup.model.parameters(), lr=config.lr, mu=config.mu, num_directions=config.num_directions,
                 difference=config.difference, distribution=config.distribution, weight_decay=config.weight_decay,
-                seed=config.seed, backend=config.backend, record_history=False)
+                seed=config.seed, backend=config.backend, record_history=False, process_group=False)
     for rnd in range(1, config.rounds + 1):
         metrics.add_train_loss(opt.step(union.next_closure(setup.model)))
         end_round(rnd)

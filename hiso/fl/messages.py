@@ -33,6 +33,8 @@ ASSIGNMENT_FRAMING = struct.Struct("<BH")  # K, number of catch-up records
 FLAG_SECOND_DIFFERENCES = 1
 FLAG_CURVATURE = FLAG_SECOND_DIFFERENCES  # deprecated name
 
+#: most catch-up records one assignment carries (its count field is 16 bits); a node further behind gets chunks
+MAX_CATCH_UP = 0xFFFF
 #: framing bytes of a client reply (header + K, P, flags)
 REPLY_OVERHEAD = HEADER.size + REPLY_FRAMING.size
 
@@ -161,8 +163,8 @@ class RoundAssignment:
     def encode(self) -> bytes:
         k = len(self.seeds)
         _check_counts(k, 1)
-        if len(self.catch_up) > 0xFFFF:
-            raise ValueError("too many catch-up records for one message; send a checkpoint instead")
+        if len(self.catch_up) > MAX_CATCH_UP:
+            raise ValueError(f"more than {MAX_CATCH_UP} catch-up records for one message; send them in chunks")
         out = [HEADER.pack(MAGIC, VERSION, TYPE_ASSIGNMENT, self.round, self.client),
                ASSIGNMENT_FRAMING.pack(k, len(self.catch_up)), struct.pack(f"<{k}Q", *self.seeds)]
         out += [r.encode() for r in self.catch_up]

@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Collection
 
 import torch
 
 from ..optim.estimate import NonFiniteLossError
-from . import messages
+from . import messages, robust
 from .baselines import run_fedavg, run_mezo
 from .experiment import BatchStream, Setup, build, client_streams
 from .metrics import RunMetrics
-from .protocol import AGGREGATIONS, FLConfig, Replica, Server, run_local_steps
+from .protocol import DivergedError, FLConfig, Replica, run_local_steps
+from .server import AGGREGATIONS, Server
 
 METHODS = ("hiso", "decomfl", "mezo", "fedavg")
 
-__all__ = ["METHODS", "BatchStream", "Setup", "SimulationConfig", "build", "run", "run_scalar_only"]
+__all__ = ["METHODS", "BatchStream", "Setup", "SimulationConfig", "build", "params_sha256", "run", "run_scalar_only"]
 
 
 @dataclasses.dataclass
@@ -54,7 +56,13 @@ class SimulationConfig:
     beta: float = 0.95
     h_min: float = 1e-8
     weight_decay: float = 0.0
-    aggregation: str = "mean"
+    aggregation: str = robust.DEFAULT_AGGREGATION  # robust by default: survives one hostile reply per round
+    trim: float = 0.1  # trimmed mean: drops max(1, floor(trim m)) of m >= 3 replies per side
+    scalar_bound: float | None = None  # reject replies with any |scalar| (or second difference) above this
+    norm_factor: float = robust.DEFAULT_NORM_FACTOR  # clip replies to this x the recent median norm (0: off)
+    norm_window: int = robust.DEFAULT_NORM_WINDOW
+    min_replies: int = 1  # fewer valid replies: the round is skipped (journaled, not applied)
+    save_every: int = 0  # hiso train: also write the weights every N rounds (0: at the end only)
     difference: str = "central"
     distribution: str = "gaussian"
     model: str | None = None  # text tasks: a Hugging Face name or folder, or "smollm2-135m"
@@ -70,6 +78,11 @@ class SimulationConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}")
+        robust.check_settings(self.aggregation, self.trim, self.scalar_bound, self.norm_factor, self.norm_window)
+        if not isinstance(self.min_replies, int) or not 1 <= self.min_replies <= self.clients_per_round:
+            raise ValueError(f"min_replies must be in [1, clients_per_round], got {self.min_replies!r}")
+        if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 0:
+            raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
         for name in ("rounds", "n_clients", "clients_per_round", "local_steps", "num_directions", "batch_size",
                      "eval_every"):
             v = getattr(self, name)
@@ -88,18 +101,46 @@ class SimulationConfig:
             backend=self.backend,
         )
 
+    def make_server(self, replica: Replica | None = None, *, n_clients: int | None = None,
+                    deterministic: bool = True) -> Server:
+        """The protocol's server for these settings; ``deterministic``: keys derived from ``seed`` (experiments)."""
+        return Server(self.fl_config(), n_clients or self.n_clients, self.clients_per_round,
+                      aggregation=self.aggregation, trim=self.trim, scalar_bound=self.scalar_bound,
+                      norm_factor=self.norm_factor, norm_window=self.norm_window, min_replies=self.min_replies,
+                      replica=replica, sampling_seed=self.seed if deterministic else None,
+                      experiment_seed=self.seed if deterministic else None)
 
-def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = None,
-        setup: Setup | None = None, on_round: Callable[[int, float | None], None] | None = None) -> list[dict]:
-    """Run one method; returns one metrics row per evaluation (also passed to ``on_eval``). ``on_round(round, loss)``
-    is called after every round with that round's mean training loss (None if no client returned one)."""
+
+def params_sha256(params) -> str:
+    """SHA-256 (hex) of parameters' raw bytes in order: the fingerprint of a final model."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = None, setup: Setup | None = None,
+        journal: str | None = None, resume: bool = False, evaluated: Collection[int] = (), elapsed: float = 0.0,
+        after_round: Callable[[int], None] | None = None,
+        on_round: Callable[[int, float | None], None] | None = None) -> list[dict]:
+    """Run one method; returns one metrics row per evaluation (also passed to ``on_eval``).
+
+    ``on_round(round, loss)`` is called after every round with that round's mean training loss (None if no client
+    returned one): the progress bar.
+
+    Scalar-only methods write their log to ``journal`` (a path) if given; ``resume`` continues from it instead
+    (rounds whose rows exist, ``evaluated``, are not evaluated again; ``elapsed`` seconds carry over).
+    ``after_round(r)`` is called after each round of a scalar-only method (e.g. to save weights)."""
     setup = setup or build(config)
     metrics = RunMetrics(config.method)
+    metrics.started -= elapsed
     rows: list[dict] = []
     consumed = 0  # training losses of the current evaluation interval already reported to on_round
 
     def evaluate(rnd: int, **extra) -> None:
         nonlocal consumed
+        if rnd in evaluated and not extra:
+            return
         res = setup.task.evaluate(setup.model, setup.eval_batches)
         row = metrics.row(rnd, res.accuracy, res.loss, **extra)
         consumed = 0
@@ -114,41 +155,105 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
             new = metrics._train_losses[consumed:]
             consumed += len(new)
             on_round(rnd, sum(new) / len(new) if new else None)
-        if extra or rnd % config.eval_every == 0 or rnd == config.rounds:
+        if extra or _eval_point(config, rnd):
             evaluate(rnd, **extra)
 
+    if config.method in ("hiso", "decomfl"):
+        run_scalar_only(config, setup, metrics, evaluate, end_round, journal=journal, resume=resume,
+                        evaluated=evaluated, after_round=after_round)
+        return rows
+    if resume:
+        raise ValueError(f"{config.method} keeps no journal and cannot resume; run it again")
     evaluate(0)
-    runner = {"hiso": run_scalar_only, "decomfl": run_scalar_only, "mezo": run_mezo, "fedavg": run_fedavg}
+    runner = {"mezo": run_mezo, "fedavg": run_fedavg}
     runner[config.method](config, setup, metrics, end_round)
     return rows
 
 
-def run_scalar_only(config: SimulationConfig, setup: Setup, metrics: RunMetrics,
-                    end_round: Callable[..., None]) -> None:
+def _eval_point(config: SimulationConfig, rnd: int) -> bool:
+    return rnd == 0 or rnd % config.eval_every == 0 or rnd == config.rounds
+
+
+def _resume_state(config: SimulationConfig, server: Server, streams: list[BatchStream], metrics: RunMetrics,
+                  evaluate, evaluated: Collection[int]) -> int:
+    """Bring the streams and metrics to the journal's head as the uninterrupted run had them (and write the head's
+    evaluation row if it is due and missing); returns the head (rounds done)."""
+    entries = server.entries()
+    head = len(entries)
+    due = _eval_point(config, head) and head not in evaluated
+    # the training losses of the next row: rounds after the last written evaluation row
+    last_row = max(r for r in range(head if due else head + 1) if _eval_point(config, r)) if head else 0
+    for i, e in enumerate(entries):
+        m = e.meta
+        metrics.bytes_up += m.get("bytes_up", 0)
+        metrics.bytes_down += m.get("bytes_down", 0)
+        metrics.rejections += m.get("rejected", 0)
+        for c, n in m.get("batches", {}).items():
+            streams[int(c)].drawn += n
+        if i + 1 > last_row:
+            metrics._train_losses += m.get("losses", [])
+    for stream in streams:
+        stream.load_state_dict({"drawn": stream.drawn})
+    if due:
+        evaluate(head)
+    return head
+
+
+def run_scalar_only(config: SimulationConfig, setup: Setup, metrics: RunMetrics, evaluate: Callable[..., None],
+                    end_round: Callable[..., None], *, journal: str | None = None, resume: bool = False,
+                    evaluated: Collection[int] = (), after_round: Callable[[int], None] | None = None) -> None:
     """HiSo / DeComFL: the protocol's server and clients in one process, bytes counted from the encoded messages."""
     model = setup.model
     streams = client_streams(config, setup)
     fl = config.fl_config()
     replica = Replica(model.parameters(), fl)
-    server = Server(fl, config.n_clients, config.clients_per_round, aggregation=config.aggregation,
-                    replica=replica, sampling_seed=config.seed, experiment_seed=config.seed)
-    for rnd in range(1, config.rounds + 1):
+    digest = params_sha256(replica.params)
+    if resume:
+        if journal is None:
+            raise ValueError("resume needs the journal's path")
+        server = Server.resume(journal, replica)
+        if server.journal.header.get("initial_sha256") != digest:
+            raise ValueError(f"the initial weights differ from those of the journal {journal}")
+        start = _resume_state(config, server, streams, metrics, evaluate, evaluated) + 1
+    else:
+        server = config.make_server(replica)
+        if journal is not None:
+            server.create_journal(journal, initial_sha256=digest, simulation=dataclasses.asdict(config))
+        evaluate(0)
+        start = 1
+    for rnd in range(start, config.rounds + 1):
+        note: dict = {"bytes_up": 0, "bytes_down": 0, "losses": [], "batches": {}}
+        rejected_before = len(server.rejections)
         for assignment in server.begin_round():
-            metrics.bytes_down += len(assignment.encode())
+            note["bytes_down"] += len(assignment.encode())
             stream = streams[assignment.client]
+            drawn = stream.drawn
             try:
                 scalars, second, loss = run_local_steps(replica, assignment.seeds,
                                                         functools.partial(stream.next_closure, model))
             except NonFiniteLossError as exc:  # e.g. after divergence: this client sends nothing
                 server.record_failure(assignment.client, str(exc))
                 continue
+            finally:
+                note["batches"][str(assignment.client)] = stream.drawn - drawn
             reply = messages.ClientReply(assignment.round, assignment.client, scalars, second).encode()
-            metrics.bytes_up += len(reply)
+            note["bytes_up"] += len(reply)
             server.submit(reply, sender=assignment.client)
+            note["losses"].append(float(loss))
+        note["rejected"] = len(server.rejections) - rejected_before
+        diverged = False
+        try:
+            record = server.end_round(note)
+        except DivergedError:
+            record, diverged = None, True
+        metrics.bytes_up += note["bytes_up"]
+        metrics.bytes_down += note["bytes_down"]
+        for loss in note["losses"]:
             metrics.add_train_loss(loss)
-        record = server.end_round()
-        metrics.rejections = len(server.rejections)
-        if record is None and not all(torch.isfinite(p).all() for p in replica.params):
+        metrics.rejections += note["rejected"]
+        if after_round is not None:
+            after_round(rnd)
+        if diverged or (record is None and not all(torch.isfinite(p).all() for p in replica.params)):
             end_round(rnd, diverged=True)  # the model diverged (non-finite parameters): nothing more can happen
             break
         end_round(rnd)

@@ -4,7 +4,8 @@ Flower is the transport and the runtime (simulation on one machine, or SuperLink
 protocol is :mod:`hiso.fl` unchanged.
 
 * :mod:`.transport` - the two halves of any hiso Flower App: :func:`make_client_app` (ClientApp) and
-  :func:`run_server` (inside a ServerApp), with resident models, same-round resends and initial-weight digests
+  :func:`run_server` (inside a ServerApp): admission to slots, same-round catch-up in chunks, hostile-reply checks
+* :mod:`.node` - a SuperNode's durable state between ClientApp processes; :mod:`.admission` - slots and their keys
 * :mod:`.apps` - the built-in tasks as a Flower App (``server_app`` / ``client_app``, see ``examples/flower/``)
 * :mod:`.testing` - :class:`InProcessGrid`, a Grid that runs a ClientApp for n nodes in this process
 """
@@ -18,18 +19,23 @@ except ImportError as exc:  # pragma: no cover - optional dependency
                       "(or the hiso[flower] extra)") from exc
 
 from . import apps
+from .admission import Admission
 from .apps import config_from_run_config, make_task_apps, task_client, task_server_main
+from .node import NodeState
 from .testing import InProcessGrid
 from .transport import (
     _RESIDENT,
+    MAX_CATCH_UP,
     RECORD,
     RoundTraffic,
     drop_resident,
     envelope_bytes,
     handle_assignment,
+    handle_join,
     make_client_app,
     params_digest,
     run_server,
+    run_uid,
     wait_for_nodes,
 )
 
@@ -41,19 +47,24 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "MAX_CATCH_UP",
     "RECORD",
     "_RESIDENT",
+    "Admission",
     "InProcessGrid",
+    "NodeState",
     "RoundTraffic",
     "client_app",
     "config_from_run_config",
     "drop_resident",
     "envelope_bytes",
     "handle_assignment",
+    "handle_join",
     "make_client_app",
     "make_task_apps",
     "params_digest",
     "run_server",
+    "run_uid",
     "server_app",
     "task_client",
     "task_server_main",

@@ -1,6 +1,13 @@
 """The built-in tasks (``hiso train``'s tasks and models) as a Flower App: the ServerApp evaluates the server's model
 and writes metrics; each ClientApp trains on its node's partition (``partition-id`` / ``num-partitions`` node config,
-as in Flower's own examples). Configured by the run config with the keys of ``hiso train`` (dashes for underscores).
+as in Flower's own examples; the partition is the node's slot). Configured by the run config with the keys of
+``hiso train`` (dashes for underscores), plus the server's own keys:
+
+* ``out``: a folder for ``journal.hsj`` (the round log, fsync'd every round), ``slots.hsj`` (enrolled node keys),
+  ``metrics.jsonl`` and, at the end, ``model/`` and ``fingerprints.json`` (as ``hiso train`` writes them);
+* ``resume = true``: continue the journal in ``out`` (same seeds, clients and bits as an uninterrupted run);
+* ``deterministic-seeds``: keys from ``seed`` (experiments); else a secret key kept in the journal;
+* ``timeout`` (seconds a round may wait, default 300), ``node-wait`` (seconds to wait for the SuperNodes).
 """
 
 from __future__ import annotations
@@ -16,13 +23,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from ...fl import Client, Replica, Server
 from ...fl.experiment import build, client_stream
+from ...fl.journal import atomic_write
 from ...fl.metrics import RunMetrics
-from ...fl.simulation import SimulationConfig
+from ...fl.runs import save_weights
+from ...fl.simulation import SimulationConfig, params_sha256
+from .admission import Admission
 from .transport import RoundTraffic, log, make_client_app, params_digest, run_server, wait_for_nodes
 
 _RUN_CONFIG_ALIASES = {"num-server-rounds": "rounds", "curvature": "curvature_rule"}
 _FIELDS = {f.name: f for f in dataclasses.fields(SimulationConfig)}
-_SERVER_ONLY = {"out", "timeout", "deterministic-seeds", "node-wait"}
+_SERVER_ONLY = {"out", "timeout", "deterministic-seeds", "node-wait", "resume"}
 
 
 def config_from_run_config(run_config: dict, defaults: SimulationConfig | None = None) -> SimulationConfig:
@@ -41,7 +51,7 @@ def config_from_run_config(run_config: dict, defaults: SimulationConfig | None =
     for name in ("model", "data_dir", "backend"):
         if values[name] == "":
             values[name] = None
-    for name in ("num_train", "num_eval"):
+    for name in ("num_train", "num_eval", "scalar_bound"):
         if values[name] == 0:
             values[name] = None
     config = SimulationConfig(**values)
@@ -69,28 +79,38 @@ def task_client(context: Context, defaults: SimulationConfig | None = None) -> C
     setup = build(config, with_eval=False)  # the server evaluates; a client only trains
     stream = client_stream(config, setup, pid)
     return Client(pid, Replica(setup.model.parameters(), config.fl_config()),
-                  functools.partial(stream.next_closure, setup.model))
+                  functools.partial(stream.next_closure, setup.model), data_state=stream)
 
 
 def task_server_main(grid: Grid, context: Context, defaults: SimulationConfig | None = None) -> list[dict]:
     """The ServerApp of a built-in task: rounds over the grid's nodes, evaluation of the server's model every
-    ``eval-every`` rounds, metrics as JSON lines in ``out`` (run config) if given. Returns the metrics."""
+    ``eval-every`` rounds, the journal and metrics in ``out`` (see the module doc). Returns the metrics rows."""
     run_config = dict(context.run_config)
     config = config_from_run_config(run_config, defaults)
-    nodes = wait_for_nodes(grid, config.n_clients, float(run_config.get("node-wait", 300.0)))
-    config = dataclasses.replace(config, n_clients=len(nodes),
-                                 clients_per_round=min(config.clients_per_round, len(nodes)))
+    out = run_config.get("out") or None
+    journal = os.path.join(out, "journal.hsj") if out else None
     setup = build(config)
     replica = Replica(setup.model.parameters(), config.fl_config())
     digest = params_digest(replica.params)
-    # Seeds come from the OS's cryptographic source unless a reproducible experiment asks otherwise.
-    deterministic = bool(run_config.get("deterministic-seeds", False))
-    server = Server(config.fl_config(), len(nodes), config.clients_per_round, aggregation=config.aggregation,
-                    replica=replica, sampling_seed=config.seed if deterministic else None,
-                    experiment_seed=config.seed if deterministic else None)
-    out = run_config.get("out") or None
-    rows: list[dict] = []
     metrics = RunMetrics(config.method)
+    if run_config.get("resume", False) and journal and os.path.exists(journal):
+        server = Server.resume(journal, replica)
+        if server.journal.header.get("initial_sha256") != params_sha256(replica.params):
+            raise ValueError(f"the initial weights differ from those of the journal {journal}")
+        for entry in server.entries():
+            metrics.bytes_up += entry.meta.get("bytes_up", 0)
+            metrics.bytes_down += entry.meta.get("bytes_down", 0)
+        log.info("hiso: resumed %s at round %d of %d", journal, server.iteration, config.rounds)
+    else:
+        # seeds come from a secret key unless a reproducible experiment asks otherwise
+        server = config.make_server(replica, deterministic=bool(run_config.get("deterministic-seeds", False)))
+        if journal:
+            os.makedirs(out, exist_ok=True)  # type: ignore[arg-type]
+            server.create_journal(journal, initial_sha256=params_sha256(replica.params),
+                                  simulation=dataclasses.asdict(config))
+    admission = Admission(config.n_clients, os.path.join(out, "slots.hsj") if out else None)
+    wait_for_nodes(grid, config.n_clients, float(run_config.get("node-wait", 300.0)))
+    rows: list[dict] = []
 
     def evaluate(rnd: int) -> None:
         res = setup.task.evaluate(setup.model, setup.eval_batches)
@@ -101,7 +121,6 @@ def task_server_main(grid: Grid, context: Context, defaults: SimulationConfig | 
                  rnd, config.method, res.accuracy, res.loss, metrics.bytes_up, metrics.bytes_down,
                  metrics.rejections)
         if out:
-            os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -109,15 +128,19 @@ def task_server_main(grid: Grid, context: Context, defaults: SimulationConfig | 
         metrics.bytes_up += traffic.bytes_up
         metrics.bytes_down += traffic.bytes_down
         metrics.resent += traffic.resent
-        if traffic.iteration % config.eval_every == 0 or traffic.iteration == config.rounds:
-            evaluate(traffic.iteration)
+        done = srv.iteration
+        if done % config.eval_every == 0 or done == config.rounds:
+            evaluate(done)
 
-    evaluate(0)
-    timeout = run_config.get("timeout") or None
-    run_server(grid, server, config.rounds, nodes=nodes, initial_digest=digest, timeout=timeout, on_round=on_round)
-    if out:
-        with open(os.path.join(out, "server.ckpt"), "wb") as f:
-            f.write(server.checkpoint())
+    if server.iteration == 0:
+        evaluate(0)
+    timeout = float(run_config.get("timeout") or 300.0)
+    run_server(grid, server, config.rounds - server.iteration, initial_digest=digest, timeout=timeout,
+               on_round=on_round, admission=admission)
+    if out:  # the trained model, and its fingerprint: the marks of a finished run
+        save_weights(setup.model, setup.tokenizer, os.path.join(out, "model"))
+        prints = {config.method: params_sha256(setup.model.parameters())}
+        atomic_write(os.path.join(out, "fingerprints.json"), (json.dumps(prints, indent=1) + "\n").encode())
     return rows
 
 

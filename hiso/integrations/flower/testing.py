@@ -16,8 +16,9 @@ class InProcessGrid(Grid):
     For tests and debugging of Flower apps without Ray or a network. As in Flower's runtimes, each node keeps its
     ``Context`` across messages and a ClientApp exception becomes an error reply. ``node_ids`` default to fixed
     pseudo-random 63-bit ids (Flower's are random too); ``node_configs`` default to ``partition-id`` /
-    ``num-partitions`` in the order of ``node_ids``. ``bytes_sent`` / ``bytes_received`` add up
-    :func:`envelope_bytes` of every message.
+    ``num-partitions`` in the order of ``node_ids`` and ``state-dir = ""`` (node state in memory).
+    :meth:`restart_node` gives a node a new id, as a restarted SuperNode gets. ``bytes_sent`` /
+    ``bytes_received`` add up :func:`envelope_bytes` of every message.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, run_config: dict | None = None,
@@ -31,8 +32,9 @@ class InProcessGrid(Grid):
             import random
 
             node_ids = random.Random(run_id).sample(range(1, 2**63), num_nodes)
-        if node_configs is None:
-            node_configs = [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+        if node_configs is None:  # state in memory only (state-dir ""): the nodes live in this process
+            node_configs = [{"partition-id": i, "num-partitions": num_nodes, "state-dir": ""}
+                            for i in range(num_nodes)]
         if len(node_ids) != num_nodes or len(node_configs) != num_nodes or len(set(node_ids)) != num_nodes:
             raise ValueError("need num_nodes distinct node ids and num_nodes node configs")
         # Messages take their run and sender from the process's task identity, which Flower's runtimes set.
@@ -42,6 +44,7 @@ class InProcessGrid(Grid):
         self.contexts = {int(n): Context(run_id=run_id, node_id=int(n), node_config=dict(c), state=RecordDict(),
                                          run_config=self.run_config) for n, c in zip(node_ids, node_configs)}
         self.bytes_sent = self.bytes_received = 0
+        self.dead: set[int] = set()
         self._run = None
         self._replies: dict[str, Message] = {}
 
@@ -56,7 +59,7 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
+        return [n for n in self.contexts if n not in self.dead]
 
     def push_messages(self, messages) -> list[str]:
         from flwr.app import Error
@@ -66,7 +69,7 @@ class InProcessGrid(Grid):
         for message in messages:
             self.bytes_sent += envelope_bytes(message)
             context = self.contexts.get(int(message.metadata.dst_node_id))
-            if context is None:
+            if context is None or int(message.metadata.dst_node_id) in self.dead:
                 reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "no such node"), reply_to=message)
             else:
                 try:
@@ -84,6 +87,21 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+    def restart_node(self, node_id: int, new_id: int | None = None) -> int:
+        """The node restarts: it reconnects under a new id with its node config and a fresh Context (its process
+        memory is gone; what it wrote to its state folder is not). Returns the new id."""
+        import random
+
+        context = self.contexts.pop(int(node_id))
+        new_id = new_id if new_id is not None else random.Random(node_id).randrange(1, 2**63)
+        self.contexts[new_id] = Context(run_id=context.run_id, node_id=new_id, node_config=context.node_config,
+                                        state=RecordDict(), run_config=self.run_config)
+        return new_id
+
+    def kill_node(self, node_id: int) -> None:
+        """The node dies: messages to it fail (Flower's NODE_UNAVAILABLE error) until :meth:`restart_node`."""
+        self.dead.add(int(node_id))
 
     def run_server_app(self, server_app: ServerApp) -> None:
         """Run a ServerApp against this grid (the SuperLink's context: node 0, the grid's run config)."""
