@@ -169,12 +169,17 @@ def _seq(name: str, value, n: int | None = None) -> list:
     raise TypeError(f"{name} must be a sequence" + (" or a scalar" if n is not None else ""))
 
 
-def _hessian_arg(hessian) -> list[torch.Tensor]:
+def _hessian_arg(hessian, params: list[torch.Tensor]) -> list[torch.Tensor]:
     if hessian is None:
         return []
-    if isinstance(hessian, torch.Tensor):
-        return [hessian]
-    return list(hessian)
+    hessian = [hessian] if isinstance(hessian, torch.Tensor) else list(hessian)
+    # The op checks H's device too, but an H on the meta device would route the whole call to the op's fake kernel
+    # and make it a silent no-op: reject it (and any other device) before the dispatcher sees it.
+    device = params[0].device
+    for i, h in enumerate(hessian):
+        if isinstance(h, torch.Tensor) and h.device != device:
+            raise ValueError(f"hessian[{i}] is on {h.device} but params are on {device}: H lives beside the params")
+    return hessian
 
 
 def _params_arg(params) -> list[torch.Tensor]:
@@ -244,7 +249,7 @@ def perturb_(
     """
     params = _params_arg(params)
     program = _perturb_program(seed, alpha, direction, distribution, stochastic_rounding, params)
-    _call_op(params, _hessian_arg(hessian), program, _offset_arg(offset), backend,
+    _call_op(params, _hessian_arg(hessian, params), program, _offset_arg(offset), backend,
              _flag("check_hessian", check_hessian))
 
 
@@ -352,7 +357,7 @@ def replay_(
     params = _params_arg(params)
     program = _replay_program(rounds, distribution, CurvatureRule.parse(curvature_rule), beta, h_min,
                               stochastic_rounding, params)
-    _call_op(params, _hessian_arg(hessian), program, _offset_arg(offset), backend,
+    _call_op(params, _hessian_arg(hessian, params), program, _offset_arg(offset), backend,
              _flag("check_hessian", check_hessian))
 
 

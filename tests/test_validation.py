@@ -149,7 +149,21 @@ class TestRejected:
 def test_unknown_and_unavailable_backends():
     expect_error(ValueError, lambda p, h: hk.perturb_(p, 1, 1.0, backend="opencl"), "unknown backend")
     if "cuda" not in hk.available_backends():
-        expect_error(RuntimeError, lambda p, h: hk.perturb_(p, 1, 1.0, backend="cuda"), "not available")
+        expect_error(ValueError, lambda p, h: hk.perturb_(p, 1, 1.0, backend="cuda"), "not available")
+
+
+@pytest.mark.parametrize("entry", ["hiso_round_", "replay_"])
+def test_hessian_on_the_meta_device_is_rejected(entry):
+    """An H on the meta device used to route the call to the op's fake kernel: a silent no-op. Now a ValueError,
+    raised before any tensor is touched."""
+    def call(p, h):
+        meta = [torch.ones(t.numel(), device="meta") for t in p]
+        if entry == "hiso_round_":
+            hk.hiso_round_(p, meta, 1, 0, [0.1], [1.0])
+        else:
+            rounds = [Round(seeds=[1], directions=[0], coefficients=[0.1], curvature_coefficients=[1.0])]
+            hk.replay_(p, rounds, hessian=meta, curvature_rule="gsq")
+    expect_error(ValueError, call, "H lives beside the params")
 
 
 def test_environment_override(monkeypatch):

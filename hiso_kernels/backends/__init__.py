@@ -68,7 +68,9 @@ def select_backend(device: torch.device, requested: str | None = None) -> Backen
         backend = get_backend(requested)
         ok, why = backend.availability()
         if not ok:
-            raise RuntimeError(f"backend {backend.name!r} ({source}) is not available: {why}")
+            # ValueError: the caller asked for something this process cannot give (the README's contract for bad
+            # arguments); the reason says how to get it.
+            raise ValueError(f"backend {backend.name!r} ({source}) is not available: {why}")
         if not backend.supports(device):
             raise ValueError(f"backend {backend.name!r} ({source}) cannot run on {device.type} tensors")
         return backend
