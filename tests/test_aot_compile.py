@@ -3,10 +3,15 @@
 and its PTX shows what the kernels promise: no contraction, approximation or flush-to-zero, no barriers or shared
 memory in the element path, vector loads and stores for aligned tensors.
 
-Triton 3.6.0 lives in ``.cache/triton-3.6.0`` (``./run.sh test`` installs it there with ``pip install --target``; CI
-keeps ``.cache`` between runs, and the compiled kernels in ``.cache/triton-aot-*``). Without it the 3.6.0 case is
-skipped, unless ``HISO_AOT_REQUIRED=1`` (set by run.sh), when it fails. ``HISO_AOT_ARCHS`` (default "90,80") chooses
-the targets."""
+Triton 3.6.0 lives in ``.cache/triton-3.6.0`` (``./run.sh test`` installs it there with ``pip install --target``).
+Without it the 3.6.0 case is skipped, unless ``HISO_AOT_REQUIRED=1`` (set by run.sh), when it fails.
+``HISO_AOT_ARCHS`` (default "90,80") chooses the targets.
+
+Time: the compiles are the cost (about 200 of them, 1-5 s each). They are cached outside the checkout, in
+``$HISO_CACHE_DIR`` (default ``~/.cache/hiso``), so a fresh clone on a machine that ran the suite before only binds
+and looks up (Triton's cache key covers the kernel source, options and versions: a changed kernel recompiles). The
+full analysis (SASS, ptxas registers and spills) runs for the device machine's triton 3.6.0; the installed version is
+checked on its PTX only (``--ptx-only``), which is what pass or fail depends on, at about half the time."""
 
 from __future__ import annotations
 
@@ -37,9 +42,12 @@ def _run_aot(version: str, tmp_path) -> dict:
             pytest.skip(msg)
         path.insert(0, where)
     env["PYTHONPATH"] = os.pathsep.join(path + [p for p in [env.get("PYTHONPATH")] if p])
-    env["TRITON_CACHE_DIR"] = os.path.join(ROOT, ".cache", f"triton-aot-{version}")
+    cache = os.environ.get("HISO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hiso")
+    env["TRITON_CACHE_DIR"] = os.path.join(cache, f"triton-aot-{version}")
     out = tmp_path / "aot.json"
     cmd = [sys.executable, "-m", "hiso_kernels.aot", "--json", str(out), "--jobs", str(os.cpu_count() or 1)]
+    if version == "installed":
+        cmd.append("--ptx-only")
     for arch in ARCHS:
         cmd += ["--arch", str(arch)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
@@ -55,6 +63,8 @@ def test_every_triton_variant_compiles(version, tmp_path):
     if version != "installed":
         assert report["triton"] == version
     assert not report["failures"]
+    if version != "installed":  # the full analysis: registers and spills reported for every variant
+        assert all(v["registers"] is not None and v["spill_stores"] is not None for v in report["variants"])
     counts = {}
     for v in report["variants"]:
         counts[(v["kernel"], v["arch"])] = counts.get((v["kernel"], v["arch"]), 0) + 1
