@@ -30,8 +30,22 @@ fashion_mnist() {
   fi
 }
 
+use_ccache() {
+  # ccache (Debian's package) for the C++ builds: the editable install, the fresh-venv install test and the forced
+  # CUDA build compile the same sources; with ccache the later ones take seconds, and a machine that ran before keeps
+  # its cache in ~/.cache/ccache. Optional: without it (no apt-get, no root) the builds run as before.
+  if ! command -v ccache >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+    apt-get install -y -qq ccache >/dev/null 2>&1 || true
+  fi
+  if command -v ccache >/dev/null 2>&1 && [ -z "${HISO_NO_CCACHE:-}" ]; then
+    case "${CXX:-}" in *ccache*) ;; *) export CC="ccache ${CC:-gcc}" CXX="ccache ${CXX:-g++}" ;; esac
+    export CCACHE_NOHASHDIR=1  # the same sources built from another folder (a source copy) still hit
+  fi
+}
+
 setup() {
   fashion_mnist
+  use_ccache
   if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
   fi
