@@ -269,6 +269,7 @@ def _processes_of(folder: Path) -> list[int]:
     ("journal,link-stays-down", True,
      "the SuperLink did not come back after the restart: flower-superlink exited with code 3 before it listened"),
     ("journal,node-silent", True, "SuperNodes [0, 1] did not reconnect 3 s after the SuperLink restart; see "),
+    ("run-hangs", False, "the run did not finish within --timeout; see "),
 ])
 def test_every_deployment_failure_is_a_nonzero_exit_with_a_one_line_reason(fake_flower, tmp_path, monkeypatch,
                                                                            capsys, mode, restart, reason):
@@ -277,7 +278,8 @@ def test_every_deployment_failure_is_a_nonzero_exit_with_a_one_line_reason(fake_
     module = _deploy_local_module()
     module.NODES_BACK_S = 3.0
     monkeypatch.setenv("FAKE", mode)
-    argv = ["--out", str(tmp_path / "out"), "--nodes", "2", "--flower-bin", str(fake_flower), "--timeout", "60",
+    timeout = "3" if mode == "run-hangs" else "60"
+    argv = ["--out", str(tmp_path / "out"), "--nodes", "2", "--flower-bin", str(fake_flower), "--timeout", timeout,
             "--run-config", "num-server-rounds=2"] + (["--restart-superlink-after", "1"] if restart else [])
     rc = module.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
