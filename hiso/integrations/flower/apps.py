@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ...fl import Client, Replica, Server
 from ...fl.experiment import build, client_stream
-from ...fl.journal import atomic_write
+from ...fl.journal import Journal, atomic_write
 from ...fl.metrics import RunMetrics
 from ...fl.runs import save_weights
 from ...fl.simulation import SimulationConfig, params_sha256
@@ -94,9 +94,11 @@ def task_server_main(grid: Grid, context: Context, defaults: SimulationConfig | 
     digest = params_digest(replica.params)
     metrics = RunMetrics(config.method)
     if run_config.get("resume", False) and journal and os.path.exists(journal):
-        server = Server.resume(journal, replica)
-        if server.journal.header.get("initial_sha256") != params_sha256(replica.params):
+        opened = Journal.open(journal)
+        # checked before the replay, which moves the weights to the journal's head
+        if opened.header.get("initial_sha256") != params_sha256(replica.params):
             raise ValueError(f"the initial weights differ from those of the journal {journal}")
+        server = Server.resume(opened, replica)
         for entry in server.entries():
             metrics.bytes_up += entry.meta.get("bytes_up", 0)
             metrics.bytes_down += entry.meta.get("bytes_down", 0)
