@@ -41,9 +41,9 @@ Methods (P directions per step; H_0 = 1 unless "hinit"; "lr" is in each method's
   oracle-block   z = u / sqrt(abar_t) (exact per-block mean curvature), full directions
   oracle-bcd     block-coordinate with exact abar_t and pi_t prop. to the exact r_t = ||g_t||^2 / tr(A_t)
 
-Protocol: for each (spectrum, method) the three seeds run on a learning-rate grid (factor 4 apart) that is extended
-until the lr with the lowest median steps-to-target has a worse (or failed) neighbour on both sides, then refined
-with the factor-2 midpoints around it. A run that has not reached the target by 3x the best median known so far (or
+Protocol: for each (spectrum, method) the three seeds run on a learning-rate grid (8 lrs a factor 2 apart around a
+method-specific guess) that is extended by 4 more lrs beyond an edge until the lr with the lowest median
+steps-to-target has a worse (or failed) neighbour on both sides, and refined with factor-2 midpoints where coarser. A run that has not reached the target by 3x the best median known so far (or
 by --max-steps) is censored (counts as a failure at that lr). One JSON per (spectrum, d, method, seed, lr) in
 results/quadratic/; ``--summary`` writes the table.
 
@@ -138,7 +138,7 @@ def run_batch(kind: str, d: int, method: str, seeds, lrs, P: int, max_steps: int
         rseen = torch.zeros(S, L, nb, dtype=torch.bool)
     hit = torch.full((S, L), -1, dtype=torch.long)
     dead = torch.zeros(S, L, dtype=torch.bool)
-    cut = torch.tensor([cutoff.get(s, max_steps) for s in seeds])[:, None].expand(S, L)
+    cut = torch.tensor([cutoff.get(s, max_steps) for s in seeds])[:, None].expand(S, L).clone()
     censored = torch.zeros(S, L, dtype=torch.bool)
     beta_stein = 1 - 0.1 / d
     warm = d // 2
@@ -253,6 +253,9 @@ def run_batch(kind: str, d: int, method: str, seeds, lrs, P: int, max_steps: int
             dead |= bad & (hit < 0)
             newhit = (f <= 0.01 * f0[:, None]) & (hit < 0) & ~dead
             hit = torch.where(newhit, torch.full_like(hit, t), hit)
+            # within the batch too: once an lr of a seed has hit at step T, the others stop at 3 T (censored)
+            hmin = torch.where(hit >= 0, hit, torch.full_like(hit, 1 << 40)).amin(1, keepdim=True)
+            cut = torch.minimum(cut, (3 * hmin).expand(S, L))
             censored |= (hit < 0) & ~dead & (t >= cut)
     out = {}
     for i, s in enumerate(seeds):
@@ -304,21 +307,22 @@ def med_by_lr(res, seeds):
 
 
 def next_lrs(meds, lr0):
-    """The lrs to run next, or [] when the best is bracketed and refined."""
+    """The lrs to run next, or [] when the best is bracketed: a first batch of 8 lrs a factor 2 apart, then 4 more
+    beyond an edge where the best lies, then the factor-2 midpoints around the best where the grid is coarser."""
     if not meds:
-        return [lr0 * 4 ** k for k in (-1, 0, 1)]
+        return [lr0 * 2.0 ** k for k in range(-4, 4)]
     lrs = sorted(meds)
     vals = [meds[l] for l in lrs]
     if all(math.isinf(v) for v in vals):
         # nothing reached the target: widen both ways (up to a limit)
-        if len(lrs) >= 12:
+        if len(lrs) >= 24:
             return []
-        return [lrs[0] / 4, lrs[-1] * 4]
+        return [lrs[0] / 2 ** k for k in (1, 2, 3, 4)] + [lrs[-1] * 2 ** k for k in (1, 2, 3, 4)]
     i = min(range(len(lrs)), key=lambda k: (vals[k], -lrs[k]))
-    if i == 0 and len(lrs) < 14:
-        return [lrs[0] / 4]
-    if i == len(lrs) - 1 and len(lrs) < 14:
-        return [lrs[-1] * 4]
+    if i == 0 and len(lrs) < 24:
+        return [lrs[0] / 2 ** k for k in (1, 2, 3, 4)]
+    if i == len(lrs) - 1 and len(lrs) < 24:
+        return [lrs[-1] * 2 ** k for k in (1, 2, 3, 4)]
     out = []
     for nb in (lrs[i - 1] if i > 0 else None, lrs[i + 1] if i + 1 < len(lrs) else None):
         if nb is not None and max(nb, lrs[i]) / min(nb, lrs[i]) > 2.01:
