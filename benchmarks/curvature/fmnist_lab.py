@@ -27,6 +27,9 @@ forward: (f(x + mu z) - f(x)) / mu (P + 1), as in the authors' HiSo / DeComFL co
   stein-scalar     one h: probe u with fixed mu; x <- x - lr/(P h) sum c_p u_p; h <- beta h + (1-beta) max(v, 0),
                    v = 2 mean_p Delta_p / d (E = tr(A)/d, the mean curvature), beta 0.9; "-hinit": the first update
                    uses beta = 0 (else h_0 = 1)
+  absdelta         stein-scalar-hinit with v = 2 mean_p |Delta_p| / d (HiZOO's |second difference|, made one global
+                   scalar): positive where the Hessian is indefinite (at initialisation the mean of five Delta_p is
+                   negative in some rounds, which sends stein-scalar-hinit's h to its floor and diverges)
   bcd              block-coordinate directions. Blocks: layers (weight + bias: contiguous global ranges) or tensors.
                    Direction p perturbs only block t_p = F^{-1}_pi(U_p), U_p = derive_seed(seed, p, 0xB10C) / 2^63,
                    pi_t = n_t / d: the kernels perturb the block's tensors with its global offset, so u_p,t is the
@@ -78,9 +81,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "fmnist")
 TARGETS = (0.45, 0.50, 0.55)
 T_MAIN = 0.50
-METHODS = ("decomfl", "gsq", "scalar", "stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "bcd",
-           "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar")
-CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "bcd", "bcd-scalar", "bcd-adapt",
+METHODS = ("decomfl", "gsq", "scalar", "stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta",
+           "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar")
+CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "bcd", "bcd-scalar", "bcd-adapt",
         "bcd-adapt-scalar"}  # rules that need f(x) and send Delta_p
 
 
@@ -223,15 +226,18 @@ class Lab:
                     cv = torch.tensor(cs, dtype=torch.float64)
                     gsq_mean = float(cv @ (U @ U.T) @ cv) / (P * P * h * d)
                     st["h"] = max(0.95 * h + 0.05 * gsq_mean, 1e-8)
-                elif method in ("stein-scalar", "stein-scalar-hinit"):
+                elif method in ("stein-scalar", "stein-scalar-hinit", "absdelta"):
                     h = st["h"]
                     for p in range(P):
                         c, dl = self.probe(seed, p, batches, difference, f0)
                         cs.append(c)
                         ds.append(dl)
                     hk.zo_update_(self.params, seed, range(P), [lr * c / (P * h) for c in cs])
-                    v = max(2 * sum(ds) / (P * d), 0.0)
-                    beta = 0.0 if (rnd == 0 and method.endswith("hinit")) else 0.9
+                    if method == "absdelta":  # |Delta| as in HiZOO's estimator: positive where the Hessian is not
+                        v = 2 * sum(abs(x) for x in ds) / (P * d)
+                    else:
+                        v = max(2 * sum(ds) / (P * d), 0.0)
+                    beta = 0.0 if (rnd == 0 and method in ("stein-scalar-hinit", "absdelta")) else 0.9
                     st["h"] = max(beta * h + (1 - beta) * v, 1e-8)
                 elif method == "stein-tensor":
                     hbv = st["hb"]
@@ -314,7 +320,8 @@ class Lab:
                 break
             if (rnd + 1) % 10 == 0 or rnd + 1 == self.rounds:
                 evaluate(rnd + 1)
-                hist.append(dict(round=rnd + 1, h=st["h"] if method in ("scalar", "stein-scalar", "stein-scalar-hinit") else None,
+                hist.append(dict(round=rnd + 1, h=st["h"] if method in ("scalar", "stein-scalar", "stein-scalar-hinit",
+                                                                      "absdelta") else None,
                                  hb=list(st["hb"]) if st["hb"] is not None else None, hg=st["hg"],
                                  H_mean=[float(H.mean()) for H in st["H"]] if st["H"] is not None else None))
         out = dict(curve=curve, diverged=diverged, seconds=time.time() - t0, state_history=hist,
