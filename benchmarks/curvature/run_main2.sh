@@ -5,10 +5,11 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-/work/main/.venv/bin/python}
 export PYTHONPATH=$PWD
 L="nice -n 19 $PY benchmarks/curvature/fmnist_lab.py"
-$L --seeds 0 1 2 --grid auto --methods scalar --difference forward --lrs 3e-3 1e-2 2e-2
 $L --seeds 0 1 2 --grid auto --methods absdelta --lrs 3e-5 5e-5 1e-4
+$L --seeds 0 1 2 --grid auto --methods scalar --difference forward --lrs 3e-3 1e-2 2e-2
 Q="nice -n 19 $PY benchmarks/curvature/quadratic.py --d 1000"
-$Q --spectra blocks --methods zosgd bcd bcd-scalar oracle-block oracle-diag scalar gsq stein-scalar stein-block stein oracle-bcd bcd-adapt bcd-adapt-scalar
+$Q --spectra blocks --methods zosgd bcd bcd-scalar oracle-block oracle-diag scalar
+$Q --spectra blocks --methods gsq stein-scalar stein-block stein oracle-bcd bcd-adapt bcd-adapt-scalar
 $L --seeds 0 --grid auto --methods decomfl --difference forward --lrs 2e-3 3e-3 5e-3
 $L --seeds 0 --grid auto --methods bcd-adapt --lrs 0.15 0.3 0.6
 $L --seeds 0 --grid auto --methods stein-scalar --lrs 1.5e-5 3e-5 6e-5
