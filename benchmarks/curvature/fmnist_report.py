@@ -99,9 +99,9 @@ def main():
             out.append(f"- {m} ({d}, lr {lr:.3g}): median {fmt(mr)} vs DeComFL {fmt(dr)}: halves the rounds: "
                        f"{'yes' if half else 'no'}; spreads separate: {'yes' if sep else 'no'}")
     out += ["", "## Against the same rule with one global scale (the ablations)", ""]
-    for a, b in PAIRS:
-        if (a, "central") in best and (b, "central") in best:
-            va, vb = best[(a, "central")][3], best[(b, "central")][3]
+    for (a, b), dd in [(pr, d) for pr in PAIRS for d in ("central", "forward")]:
+        if (a, dd) in best and (b, dd) in best:
+            va, vb = best[(a, dd)][3], best[(b, dd)][3]
             for key, T, lower in (("rounds to 0.50", "0.50", True), ("AUC", None, False)):
                 xa = [inf(v["metrics"]["rounds_to"][T]) if T else v["metrics"]["auc"] for v in va]
                 xb = [inf(v["metrics"]["rounds_to"][T]) if T else v["metrics"]["auc"] for v in vb]
@@ -109,7 +109,7 @@ def main():
                 spread = max((max(xa) - min(xa)) if all(map(math.isfinite, xa)) else math.inf,
                              (max(xb) - min(xb)) if all(map(math.isfinite, xb)) else math.inf)
                 diff = (mb - ma) if lower else (ma - mb)
-                out.append(f"- {a} vs {b}, {key}: {fmt(xa, 0 if T else 3)} vs {fmt(xb, 0 if T else 3)}; difference "
+                out.append(f"- {a} vs {b} ({dd}), {key}: {fmt(xa, 0 if T else 3)} vs {fmt(xb, 0 if T else 3)}; difference "
                            f"{diff:.3g} in {a}'s favour; larger seed range {spread:.3g}: "
                            f"{'beats it' if diff > spread else 'not beyond the seed spread'}")
     text = "\n".join(out) + "\n"
