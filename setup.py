@@ -7,8 +7,10 @@ Environment variables:
   HISO_SKIP_NATIVE=1        build no extension (pure Python; the torch and triton backends remain)
   HISO_REQUIRE_NATIVE=1     fail the install if an extension that should build does not (CI sets this)
   HISO_BUILD_CUDA=auto|1|0  CUDA extension: auto = when nvcc is found and a CUDA-enabled torch or an NVIDIA driver
-                            is present; 1 = always (compile-only machines too); 0 = never
-  HISO_CUDA_ARCH_LIST       e.g. "8.0;9.0" or "80;90+PTX" (falls back to TORCH_CUDA_ARCH_LIST, then a default)
+                            is present (a failed build warns); 1 = always, and a failed CUDA build fails the install
+                            (compile-only machines too); 0 = never
+  HISO_CUDA_ARCH_LIST       e.g. "8.0;9.0", "80;90+PTX" or "9.0a;10.0a" (falls back to TORCH_CUDA_ARCH_LIST, then a
+                            default); architectures this nvcc cannot build are dropped with a warning
   HISO_BUILD_JOBS           parallel C++ compile jobs (default: number of CPUs)
   CUDA_HOME / CUDA_PATH     toolkit location (else nvcc on PATH, else /usr/local/cuda)
 """
@@ -32,6 +34,9 @@ DEFAULT_CUDA_ARCHS = "80;86;89;90;100;120+PTX"
 # and makes the Gaussian transform five times slower.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off"]
+
+
+ON = ("1", "yes", "true", "on")
 
 
 def _env_flag(name: str, default: str = "0") -> str:
@@ -82,19 +87,50 @@ def _gpu_runtime_present() -> tuple[bool, str]:
     return False, "neither a CUDA-enabled torch nor an NVIDIA driver was found"
 
 
-def _cuda_archs() -> list[tuple[str, bool]]:
-    raw = os.environ.get("HISO_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
-    archs = []
+def parse_cuda_archs(raw: str) -> tuple[list[tuple[str, bool]], list[str]]:
+    """("8.0;9.0a;10.0f+PTX" ...) -> ([("80", False), ("90a", False), ("100f", True)], [items that are not
+    architectures]). Suffixes: a / f (architecture- and family-specific targets of CUDA 12+), +PTX (also embed PTX)."""
+    archs, bad = [], []
     for item in raw.replace(",", ";").replace(" ", ";").split(";"):
         item = item.strip()
         if not item:
             continue
-        ptx = item.endswith("+PTX")
-        num = item[: -len("+PTX")] if ptx else item
-        num = num.replace(".", "")
-        if not num.isdigit():
-            raise ValueError(f"bad CUDA architecture {item!r} in the arch list {raw!r}")
-        archs.append((num, ptx))
+        ptx = item.upper().endswith("+PTX")
+        num = (item[: -len("+PTX")] if ptx else item).replace(".", "").lower().removeprefix("sm_")
+        suffix = num[-1] if num[-1:] in ("a", "f") else ""
+        digits = num[: len(num) - len(suffix)]
+        if not digits.isdigit() or len(digits) < 2:
+            bad.append(item)
+            continue
+        archs.append((digits + suffix, ptx))
+    return archs, bad
+
+
+def nvcc_supported_archs(nvcc: str) -> set[str] | None:
+    """The sm_XX codes this nvcc can build ("80", "90a", ...), or None if it cannot say (nvcc < 11.5)."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return {code[len("sm_"):] for code in out.stdout.split() if code.startswith("sm_")}
+
+
+def _cuda_archs(nvcc: str) -> list[tuple[str, bool]]:
+    """The requested architectures that this nvcc can build. Raises (at build time, not at import) if none remain."""
+    raw = os.environ.get("HISO_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+    archs, bad = parse_cuda_archs(raw)
+    for item in bad:
+        print(f"hiso: ignoring {item!r} in the CUDA arch list {raw!r} (not an architecture)", flush=True)
+    supported = nvcc_supported_archs(nvcc)
+    if supported is not None:  # nvcc lists plain codes; an a / f variant is judged by its base architecture
+        dropped = [num for num, _ in archs if num.rstrip("af") not in supported]
+        if dropped:
+            print(f"hiso: {nvcc} cannot build sm_{', sm_'.join(dropped)}; building the others", flush=True)
+        archs = [(num, ptx) for num, ptx in archs if num.rstrip("af") in supported]
+    if not archs:
+        raise RuntimeError(f"no buildable CUDA architecture in {raw!r} for {nvcc}")
     return archs
 
 
@@ -104,35 +140,41 @@ def _want_cuda() -> tuple[bool, str]:
         return False, "HISO_BUILD_CUDA=0"
     nvcc = _find_nvcc()
     if nvcc is None:
-        if mode in ("1", "yes", "true", "on"):
+        if mode in ON:
             raise RuntimeError("HISO_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
         return False, "nvcc not found"
-    if mode in ("1", "yes", "true", "on"):
+    if mode in ON:
         return True, "HISO_BUILD_CUDA=1"
     ok, why = _gpu_runtime_present()
     return ok, why
 
 
 class BuildExt(build_ext):
-    """pybind11's build_ext plus nvcc for .cu sources and optional (warn-and-continue) extensions."""
+    """pybind11's build_ext plus nvcc for .cu sources and optional (warn-and-continue) extensions. A failure is fatal
+    with HISO_REQUIRE_NATIVE=1, and for the CUDA extension with HISO_BUILD_CUDA=1 (asked for, so never skipped)."""
 
     def build_extension(self, ext):
+        cuda = bool(getattr(ext, "cuda_sources", None))
         try:
-            if getattr(ext, "cuda_sources", None):
+            if cuda:
                 ext.extra_objects = list(ext.extra_objects or []) + self._nvcc_compile(ext)
             super().build_extension(ext)
         except Exception as exc:
-            if _env_flag("HISO_REQUIRE_NATIVE") in ("1", "yes", "true", "on"):
-                raise
+            if _env_flag("HISO_REQUIRE_NATIVE") in ON or (cuda and _env_flag("HISO_BUILD_CUDA", "auto") in ON):
+                raise RuntimeError(f"hiso: building {ext.name} failed: {exc}") from exc
             self.warn(f"hiso: could not build {ext.name} ({exc}); the package falls back to other backends")
 
     def _nvcc_compile(self, ext) -> list[str]:
         nvcc = _find_nvcc()
         gencode = []
-        for num, ptx in _cuda_archs():
+        archs = _cuda_archs(nvcc)
+        for num, ptx in archs:
             gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
             if ptx:
                 gencode += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
+        # the module reports what it was built for (hiso_kernels._cuda.ARCHS, in python -m hiso_kernels.info)
+        arch_names = ";".join(num + ("+PTX" if ptx else "") for num, ptx in archs)
+        ext.define_macros = list(ext.define_macros or []) + [("HISO_CUDA_ARCHS", f'"{arch_names}"')]
         objects = []
         os.makedirs(self.build_temp, exist_ok=True)
         includes = [f"-I{os.path.join(ROOT, d)}" for d in ext.include_dirs if not os.path.isabs(d)]
@@ -187,6 +229,6 @@ def extensions():
     return exts
 
 
-ParallelCompile("HISO_BUILD_JOBS", default=0).install()
-
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":  # pip and `python setup.py` run this file as __main__; tests import its helpers
+    ParallelCompile("HISO_BUILD_JOBS", default=0).install()
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

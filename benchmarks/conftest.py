@@ -25,7 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as bl  # noqa: E402
+import benchlib as bl
 
 
 def pytest_addoption(parser):

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hiso.cli import plot, rounds_to_reach  # noqa: E402
-from hiso.fl.simulation import SimulationConfig, build, run  # noqa: E402
+from hiso.fl.simulation import SimulationConfig, build, run
+from hiso.reporting import plot, rounds_to_reach
 
 
 def main() -> int:
@@ -47,7 +47,7 @@ def main() -> int:
     p.add_argument("--num-train", type=int, default=10000)
     p.add_argument("--num-eval", type=int, default=2000)
     p.add_argument("--split", default="iid")
-    p.add_argument("--curvature", default="gsq")
+    p.add_argument("--curvature-rule", default="gsq")
     p.add_argument("--beta", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -62,17 +62,19 @@ def main() -> int:
             if f"{method}@{lr:g}" in runs:
                 continue
             cfg = SimulationConfig(
-                task=args.task, model=args.model, data_dir=args.data_dir, method=method, rounds=args.rounds, n_clients=args.n_clients,
+                task=args.task, model=args.model, data_dir=args.data_dir, method=method, rounds=args.rounds,
+                n_clients=args.n_clients,
                 clients_per_round=args.clients_per_round, local_steps=args.local_steps,
                 num_directions=args.num_directions, lr=lr, mu=args.mu, batch_size=args.batch_size,
                 split=args.split, eval_every=args.eval_every, num_train=args.num_train, num_eval=args.num_eval,
-                seed=args.seed, curvature=args.curvature, beta=args.beta,
+                seed=args.seed, curvature_rule=args.curvature_rule, beta=args.beta,
             )
             rows = run(cfg, setup=build(cfg))
             for r in rows:
                 r["lr"] = lr
             runs[f"{method}@{lr:g}"] = rows
-            print(f"{method:8s} lr {lr:<8g} final acc {rows[-1]['accuracy']:.4f}  best {max(r['accuracy'] for r in rows):.4f}"
+            best = max(r["accuracy"] for r in rows)
+            print(f"{method:8s} lr {lr:<8g} final acc {rows[-1]['accuracy']:.4f}  best {best:.4f}"
                   f"  ({rows[-1]['seconds']:.0f} s)", flush=True)
 
     runs = {f"{m}@{lr:g}": runs[f"{m}@{lr:g}"] for m in args.methods for lr in args.lrs}  # the grid asked for

@@ -30,9 +30,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as bl  # noqa: E402
-
-import hiso_kernels as hk  # noqa: E402
+import benchlib as bl
+import hiso_kernels as hk
 
 PHASES = ("perturb +mu", "forward 1", "perturb -2mu", "forward 2", "restore +mu", "update")
 

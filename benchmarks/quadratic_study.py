@@ -8,7 +8,7 @@ methods) with fixed seeds; we report steps to target at each method's best learn
 
 On a quadratic the central difference is exact, so the simulation evaluates c = sum_j a_j x_j z_j and the second
 difference Delta = 1/2 sum_j a_j z_j^2 in closed form; the update and curvature rules are those of
-``hiso_kernels`` (design section 1; ``docs/kernels.md``), vectorised over the learning-rate grid. Directions come from
+``hiso_kernels`` (``docs/kernels.md``), vectorised over the learning-rate grid. Directions come from
 ``torch.randn`` here (the study is about the rules, not the generator). ``tests/test_curvature_rules.py`` pins the
 behaviour with the real optimizers at a smaller scale.
 

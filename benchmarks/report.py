@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as bl  # noqa: E402
+import benchlib as bl
 
 
 def rows_from_pytest_json(data: dict) -> list[dict]:

@@ -10,6 +10,11 @@ torch.cuda.max_memory_allocated() - memory_allocated() around one warm call, in-
 
 ``--budget-s`` bounds the measuring time: the cases are ordered so that the targets' rows come first, and whatever
 was measured is written when the budget runs out (the skipped cases are listed in the JSON).
+
+``--plan check`` (benchmarks/gpu_check.sh) has its own order, most important first: flat perturb 2^28 in fp32 and
+bf16 (with the copy roofline and the generator-only rate), SmolLM2-135M perturb against eager MeZO and one
+torch.compile of it (the only compiled loop of the plan: each compile costs seconds), then perturb with H, updates,
+HiSo rounds, replay, and the larger models last.
 """
 
 from __future__ import annotations
@@ -25,9 +30,32 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as bl  # noqa: E402
+import benchlib as bl
 
 LARGE = ("opt-1.3b", "llama-7b")
+
+
+def check_plan(dtypes) -> list:
+    """gpu_check.sh's cases, most important first (a run under a time budget keeps what it reached)."""
+    first = [bl.Case("perturb", bl.flat(28), "fp32"), bl.Case("perturb", bl.flat(28), "bf16"),
+             bl.Case("perturb", "smollm2-135m", "bf16")]
+    rest = []
+    for dt in dtypes:
+        rest += [bl.Case("perturb_h", "smollm2-135m", dt), bl.Case("perturb", bl.flat(30), dt),
+                 bl.Case("perturb", bl.flat(20), dt)]
+        rest += [bl.Case("update", bl.flat(26), dt, d) for d in (1, 4, 32)]
+        rest += [bl.Case("hiso_round", "smollm2-135m", dt), bl.Case("hiso_round", bl.flat(28), dt)]
+        rest += [bl.Case("replay", bl.flat(24), dt, r) for r in (1, 10, 100)]
+        rest += [bl.Case("perturb", "opt-1.3b", dt), bl.Case("hiso_round", "llama-7b", dt)]
+    return list(dict.fromkeys(first + rest))
+
+
+def check_skip(case, prov: str) -> bool:
+    """Providers left out of the check plan: torch.compile except on SmolLM2's perturb, the reference backend as a
+    'fused' provider, and the reference on anything large."""
+    if prov == "compile":
+        return not (case.kernel == "perturb" and case.shape == "smollm2-135m")
+    return prov in ("reference", "torch") and case.numel * case.terms > (1 << 20)
 
 
 def main(argv=None) -> int:
@@ -56,7 +84,10 @@ def main(argv=None) -> int:
     models = args.models.split(",") if args.models else None
     kernels = set(args.kernels.split(","))
     wanted = None if args.providers is None else set(args.providers.split(","))
-    cases = [c for c in bl.plan("cuda", mode, args.dtypes.split(","), models) if c.kernel in kernels]
+    if mode == "check" and models is None:
+        cases = [c for c in check_plan(args.dtypes.split(",")) if c.kernel in kernels]
+    else:
+        cases = [c for c in bl.plan("cuda", mode, args.dtypes.split(","), models) if c.kernel in kernels]
 
     def memory(case: bl.Case, prov: str) -> bool:
         return not (prov.startswith("generator:") or prov in ("randn", "copy"))
@@ -64,6 +95,10 @@ def main(argv=None) -> int:
     def skip(case: bl.Case, prov: str) -> bool:
         if wanted is not None and prov not in wanted:
             return True
+        if mode == "check" and check_skip(case, prov):
+            return True
+        if prov.split(":")[-1].removesuffix("+check") == "reference":
+            return True  # the reference backend among the fused ones (benchlib filters its old name only)
         return args.no_compile_on_large and prov == "compile" and case.shape in LARGE
 
     runner = bl.Runner(device, target_s=0.25 if mode == "full" else 0.1, min_repeats=10, max_repeats=100,

@@ -34,7 +34,8 @@ def main() -> None:
     batches = task.make_batches(task.train_examples, args.batch_size, shuffle=True, seed=0)
     for step in range(1, args.steps + 1):
         batch = batches[step % len(batches)]
-        loss = opt.step(lambda: task.loss(model, batch))       # perturb, 2 forwards per direction, fused update
+        # perturb, 2 forwards per direction, fused update (batch=batch binds this step's batch)
+        loss = opt.step(lambda batch=batch: task.loss(model, batch))
         if step % 50 == 0:
             print(f"step {step:4d}  train loss {loss:.4f}  eval acc {task.accuracy(model, eval_batches):.3f}")
 

@@ -1,105 +1,264 @@
-"""The ``hiso`` command line.
+"""The ``hiso`` command line (also ``python -m hiso``).
 
-    hiso train [--config FILE.toml] [--methods hiso decomfl] [--key value ...]   federated fine-tuning (simulated)
-    hiso info                                                                      version, kernels, backends
+    hiso train [--config NAME|FILE] [--task NAME | --task-spec FILE] [--methods ...] [--key value ...]
+    hiso train --resume DIR                           continue an interrupted run from its round logs
+    hiso export --log DIR/hiso/journal.hsj --out MODEL_DIR [--model NAME]   weights from a round log alone
+    hiso tasks                                        the tasks, their scoring, labels and templates
+    hiso info                                         version, kernels, backends, installed integrations
 
-``hiso train`` runs each method with the same data split, seeds and model initialisation, prints progress and a
-summary table, and writes ``metrics.jsonl``, ``metrics.csv``, ``summary.md`` and ``curves.png`` (accuracy against
-rounds and against bytes sent) to ``--out``. Settings come from the TOML file's ``[train]`` table (and per-method
-tables ``[methods.<name>]``, e.g. a learning rate), overridden by flags.
+``hiso train`` runs each method with the same data split, seeds and model initialisation, shows a progress bar per
+round and a line per evaluation, and writes ``config.json``, ``metrics.jsonl`` (strict JSON), ``metrics.csv``,
+``summary.md`` and ``curves.png`` to ``--out`` (and TensorBoard scalars with ``--tensorboard``), and per method the
+round log ``<method>/journal.hsj`` and the weights ``<method>/model/``, and ``fingerprints.json`` (sha256 of each
+method's final parameters; :mod:`hiso.fl.runs`). Settings come from
+the config's ``[train]`` table (and ``[methods.<name>]`` tables, e.g. a learning rate per method), overridden by
+flags; ``--config`` takes a file or the name of a packaged config (``fashion_mnist``).
+
+Every flag and setting is checked before anything heavy runs (model load, data): a bad one is a one-line error with
+exit code 2 and no output folder. Subcommands live in :data:`COMMANDS`; ``hiso train``'s flags are generated from
+the fields of :class:`hiso.fl.simulation.SimulationConfig` and checked by :mod:`hiso.settings`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
+import shutil
 import sys
-import time
-import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
 
+from . import __version__
+from . import settings as st
 from .fl.simulation import METHODS, SimulationConfig
+from .settings import UsageError
+
+PROG = "hiso"
 
 
-def _fields():
-    return {f.name: f for f in dataclasses.fields(SimulationConfig)}
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints usage and message on two lines)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _parse_value(text: str, default):
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int) and not isinstance(default, bool):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
-    if text.lower() in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: Callable[[], str] = lambda: ""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hiso", description="Zeroth-order and scalar-only federated fine-tuning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, built kernels, available backends, direction spec")
-    train = sub.add_parser("train", help="federated fine-tuning in one process (HiSo, DeComFL, MeZO, FedAvg)",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--config", help="TOML file with a [train] table and optional [methods.<name>] tables")
-    train.add_argument("--methods", nargs="+", choices=METHODS, help="methods to run (default: the config's)")
-    train.add_argument("--out", default=None, help="output folder (default: runs/<task>-<date-time>)")
-    train.add_argument("--quiet", action="store_true", help="no progress lines")
+# --------------------------------------------------------------------------------------------------------------------
+# hiso train
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("run")
+    g.add_argument("--config", help=f"a TOML file, or a packaged config: {', '.join(st.packaged_configs())}")
+    g.add_argument("--task-spec", metavar="FILE", help="a task spec TOML file: train on your own text task")
+    g.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                   help=f"methods to run, each from the same start: {', '.join(METHODS)} (default: the config's, "
+                        "else hiso decomfl)")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<task>-<date-time>)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or evaluation lines")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to <out>/tensorboard")
+    g.add_argument("--no-plot", action="store_true", help="do not draw curves.png")
+    g.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (with DIR's settings: give "
+                                                    "no other settings)")
+    g = parser.add_argument_group("settings (SimulationConfig fields; config-file keys use underscores)")
     defaults = SimulationConfig()
-    for name, field in _fields().items():
+    for name, spec in st.field_specs().items():
         if name == "method":
             continue
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                           help=f"(default {getattr(defaults, name)!r})")
-    return parser
+        flags = [f"--{name.replace('_', '-')}"] + [f"--{old.replace('_', '-')}" for old, new in st.RENAMED.items()
+                                                   if new == name]
+        choices = spec.choices()
+        shown = f"one of {', '.join(choices)}; " if choices and len(choices) <= 12 else ""
+        g.add_argument(*flags, dest=name, default=None, type=spec.parse, metavar=spec.metavar,
+                       help=f"{spec.help}{'; ' if spec.help else ''}{shown}default {getattr(defaults, name)!r}")
 
 
-def load_settings(args) -> tuple[dict, list[str], dict]:
-    base: dict = {}
-    per_method: dict = {}
-    methods = None
-    if args.config:
-        with open(args.config, "rb") as fh:
-            doc = tomllib.load(fh)
-        base = dict(doc.get("train", {}))
-        methods = base.pop("methods", None)
-        per_method = {k: dict(v) for k, v in doc.get("methods", {}).items()}
-        unknown = set(base) - set(_fields())
-        for m, table in per_method.items():
-            if m not in METHODS:
-                raise SystemExit(f"hiso: unknown method table [methods.{m}] in {args.config}")
-            unknown |= set(table) - set(_fields())
-        if unknown:
-            raise SystemExit(f"hiso: unknown settings in {args.config}: {sorted(unknown)}")
-    defaults = SimulationConfig()
-    for name in _fields():
-        value = getattr(args, name, None)
-        if name != "method" and value is not None:
-            base[name] = _parse_value(value, getattr(defaults, name))
-            for table in per_method.values():  # a flag wins over the file's per-method value too
-                table.pop(name, None)
-    methods = args.methods or methods or ["hiso", "decomfl"]
-    return base, list(methods), per_method
+def _train_description() -> str:
+    from . import tasks
+
+    lines = [__doc__.split("\n\n")[2].strip(), "", "tasks:"]
+    for name in tasks.available_tasks():
+        lines.append(f"  {name:<14}{tasks.task_info(name).description}")
+    lines += ["", f"methods: {', '.join(METHODS)}", f"aggregations: {', '.join(st.choices_of('aggregation'))}",
+              f"curvature rules: {', '.join(st.choices_of('curvature_rule'))}",
+              f"packaged configs: {', '.join(st.packaged_configs())}"]
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "info":
-        from hiso_kernels.info import report
+def run_train(args: argparse.Namespace) -> int:
+    # every check; raises UsageError before anything heavy or any file is written
+    if args.resume:
+        plan, rows, resume = st.validate_resume(args)
+    else:
+        plan, rows, resume = st.validate_train(args), [], None
+    from .fl.runs import RunFolder
+    from .fl.simulation import build, run
+    from .reporting import (
+        RoundProgress,
+        TensorBoardLogger,
+        eval_line,
+        plot,
+        summary_table,
+        write_csv,
+        write_jsonl_row,
+    )
 
-        print(report())
-        print(integrations_report())
-        return 0
-    return train(args)
+    out = plan.out
+    created = not os.path.exists(out)
+    folder = RunFolder(out)
+    tb: TensorBoardLogger | None = None
+    jsonl: TextIO | None = None
+    try:
+        for cfg in plan.configs:
+            if resume is not None and cfg.method not in resume:
+                continue  # finished before the interruption
+            state = (resume or {}).get(cfg.method, {})
+            if not args.quiet:
+                print(f"== {cfg.method}: {plan.task_name}, {cfg.rounds} rounds, {cfg.n_clients} clients "
+                      f"({cfg.clients_per_round} per round), K={cfg.local_steps}, P={cfg.num_directions}, "
+                      f"lr={cfg.lr:g}, mu={cfg.mu:g}" + (f", model {cfg.model}" if cfg.model else ""), flush=True)
+            try:
+                setup = build(cfg)
+            except (OSError, ValueError, RuntimeError, ImportError) as exc:
+                raise st.RunError(f"could not set up {cfg.method}: {exc}") from exc
+            if jsonl is None:  # the folder appears only once the first setup (model and data) has loaded
+                os.makedirs(out, exist_ok=True)
+                if resume is None:
+                    with open(os.path.join(out, "config.json"), "w") as fh:
+                        json.dump([dataclasses.asdict(c) for c in plan.configs], fh, indent=1)
+                # a resumed run appends to the rows kept by validate_resume
+                jsonl = open(os.path.join(out, "metrics.jsonl"), "a" if resume is not None else "w")  # noqa: SIM115
+                tb = TensorBoardLogger(os.path.join(out, "tensorboard")) if args.tensorboard else None
+            progress = RoundProgress(cfg.rounds, cfg.method, enabled=not args.quiet)
+
+            assert jsonl is not None
+
+            def report(row: dict, cfg: SimulationConfig = cfg, progress: RoundProgress = progress,
+                       jsonl: TextIO = jsonl, tb: TensorBoardLogger | None = tb) -> None:
+                row = {**row, "lr": cfg.lr}
+                rows.append(row)
+                write_jsonl_row(jsonl, row)
+                if tb is not None:
+                    tb.log(row)
+                progress.write(eval_line(row, cfg.rounds))
+
+            try:
+                run(cfg, on_eval=report, setup=setup, on_round=progress.round_done,
+                    journal=folder.prepare(cfg.method), resume=state.get("resume", False),
+                    evaluated=state.get("evaluated", ()), elapsed=state.get("elapsed", 0.0),
+                    after_round=folder.saver(cfg, setup.model, setup.tokenizer))
+            finally:
+                progress.close()
+            folder.finish(cfg.method, setup.model, setup.tokenizer)
+    except BaseException:
+        if created and not rows and os.path.isdir(out):
+            shutil.rmtree(out, ignore_errors=True)  # nothing was measured: leave no folder behind
+        raise
+    finally:
+        if jsonl is not None:
+            jsonl.close()
+        if tb is not None:
+            tb.close()
+    write_csv(rows, os.path.join(out, "metrics.csv"))
+    table = summary_table(rows)
+    with open(os.path.join(out, "summary.md"), "w") as fh:
+        fh.write(table + "\n")
+    print("\n" + table)
+    if not args.no_plot:
+        try:
+            plot(rows, os.path.join(out, "curves.png"), title=plan.title)
+        except ImportError:
+            print("(matplotlib not installed: no plot; pip install matplotlib)")
+    print(f"\nresults in {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hiso export
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log", required=True, help="a round log (journal): DIR/<method>/journal.hsj")
+    parser.add_argument("--out", required=True, help="folder for the weights")
+    parser.add_argument("--model", help="causal LM name or folder, if not the journal's")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .fl.journal import JournalError
+    from .fl.runs import export
+
+    if not os.path.isfile(args.log):
+        raise UsageError(f"--log {args.log}: no such file")
+    try:
+        print(f"sha256 {export(args.log, args.out, args.model)}")
+    except (ValueError, JournalError) as exc:
+        raise UsageError(f"--log {args.log}: {exc}") from None
+    except OSError as exc:
+        raise st.RunError(f"export failed: {exc}") from None
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hiso tasks, hiso info
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _tasks_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", help="also check a task spec TOML file and show it")
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    from . import tasks
+
+    names = tasks.available_tasks()
+    if args.spec:
+        try:
+            names = [tasks.task_info(args.spec).name]
+            specs = {names[0]: tasks.text.load_spec(args.spec)}
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        specs = dict(tasks.TASK_SPECS)
+    for name in names:
+        info = tasks.task_info(name) if name not in specs else None
+        spec = specs.get(name)
+        if spec is None:
+            print(f"{name}: {info.description if info else ''}")
+            continue
+        labels = ", ".join(f"{n}" for n in spec.label_names)
+        print(f"{spec.name}: {spec.description}\n  scoring {spec.scoring}; labels {labels}; max_length "
+              f"{spec.max_length}; data {'/'.join(spec.train_files)} + {'/'.join(spec.eval_files)}"
+              + (f" or hub {spec.hf_path}/{spec.hf_config}" if spec.hf_path else ""))
+        for tname, t in spec.templates.items():
+            answers = t.choices or t.verbalizer
+            mark = " (default)" if tname == spec.default_template else ""
+            print(f"  template {tname}{mark}: {t.pattern!r} -> {' | '.join(map(repr, answers))}")
+    return 0
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from hiso_kernels.info import report
+
+    print(report())
+    print(integrations_report())
+    return 0
 
 
 def integrations_report() -> str:
@@ -107,8 +266,10 @@ def integrations_report() -> str:
     from importlib import metadata
 
     lines = ["integrations:"]
-    for dist, what in (("transformers", "hiso.integrations.hf, text tasks"), ("flwr", "hiso.integrations.flower"),
-                       ("ray", "Flower's simulation runtime (flwr run on one machine)")):
+    for dist, what in (("transformers", "hiso.integrations.hf, text tasks"), ("datasets", "text task data"),
+                       ("flwr", "hiso.integrations.flower"),
+                       ("ray", "Flower's simulation runtime (flwr run on one machine)"),
+                       ("matplotlib", "curves.png"), ("tensorboard", "hiso train --tensorboard")):
         try:
             lines.append(f"  {dist} {metadata.version(dist)}: {what}")
         except metadata.PackageNotFoundError:
@@ -116,126 +277,43 @@ def integrations_report() -> str:
     return "\n".join(lines)
 
 
-def train(args) -> int:
-    from .fl.simulation import build, run
+#: the subcommands: name -> Command (add one here, e.g. ``export``, and it appears in ``hiso --help``)
+COMMANDS: dict[str, Command] = {
+    "train": Command("federated fine-tuning in one process (HiSo, DeComFL, MeZO, FedAvg)", _train_arguments, run_train,
+                     _train_description),
+    "export": Command("rebuild trained weights from a round log alone (the log is the model)", _export_arguments,
+                      run_export),
+    "tasks": Command("list the tasks (scoring, labels, templates), or check a task spec file", _tasks_arguments,
+                     run_tasks),
+    "info": Command("version, built kernels, available backends, installed integrations", _no_arguments, run_info),
+}
 
-    base, methods, per_method = load_settings(args)
-    configs = []
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Zeroth-order and scalar-only federated fine-tuning (hiso "
+                     f"{__version__}). Commands: {', '.join(COMMANDS)}; `hiso COMMAND --help` for each.")
+    parser.add_argument("--version", action="version", version=f"hiso {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description() or cmd.help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        for m in methods:
-            configs.append(SimulationConfig(**{**base, **per_method.get(m, {}), "method": m}))
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"hiso: invalid settings: {exc}") from None
-    out = args.out or os.path.join("runs", f"{configs[0].task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump([dataclasses.asdict(c) for c in configs], fh, indent=1)
-    rows: list[dict] = []
-    jsonl = open(os.path.join(out, "metrics.jsonl"), "w")
-    try:
-        for cfg in configs:
-            print(f"== {cfg.method}: {cfg.task}, {cfg.rounds} rounds, {cfg.n_clients} clients "
-                  f"({cfg.clients_per_round} per round), K={cfg.local_steps}, P={cfg.num_directions}, "
-                  f"lr={cfg.lr:g}, mu={cfg.mu:g}", flush=True)
-            setup = build(cfg)
-
-            def report(row, cfg=cfg):
-                row = {**row, "lr": cfg.lr}
-                rows.append(row)
-                jsonl.write(json.dumps(row) + "\n")
-                jsonl.flush()
-                if not args.quiet:
-                    bar = _bar(row["round"] / cfg.rounds)
-                    print(f"  {bar} round {row['round']:>5}/{cfg.rounds}  acc {row['accuracy']:.4f}  "
-                          f"eval loss {row['eval_loss']:.4f}  up {_human(row['bytes_up'])}  "
-                          f"{row['seconds']:.0f}s", flush=True)
-
-            run(cfg, on_eval=report, setup=setup)
-    finally:
-        jsonl.close()
-    _write_csv(rows, os.path.join(out, "metrics.csv"))
-    table = summary_table(rows)
-    with open(os.path.join(out, "summary.md"), "w") as fh:
-        fh.write(table + "\n")
-    print("\n" + table)
-    try:
-        plot(rows, os.path.join(out, "curves.png"))
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
-    print(f"\nresults in {out}")
-    return 0
-
-
-def _bar(frac: float, width: int = 20) -> str:
-    n = int(round(frac * width))
-    return "[" + "#" * n + "." * (width - n) + "]"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n}"
-
-
-def _write_csv(rows, path) -> None:
-    if not rows:
-        return
-    keys = list(rows[0])
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def rounds_to_reach(rows, method, target) -> int | None:
-    for r in rows:
-        if r["method"] == method and r["accuracy"] >= target:
-            return r["round"]
-    return None
-
-
-def summary_table(rows) -> str:
-    """Final accuracy, best accuracy, rounds to reach the other methods' final accuracy, and bytes."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    final = {m: [r for r in rows if r["method"] == m][-1] for m in methods}
-    lines = ["| method | lr | rounds | final acc | best acc | upload (all clients) | download | "
-             + " | ".join(f"rounds to {m}'s final" for m in methods) + " |",
-             "|" + "---|" * (7 + len(methods))]
-    for m in methods:
-        f = final[m]
-        best = max(r["accuracy"] for r in rows if r["method"] == m)
-        reach = [rounds_to_reach(rows, m, final[o]["accuracy"]) for o in methods]
-        lines.append(f"| {m} | {f['lr']:g} | {f['round']} | {f['accuracy']:.4f} | {best:.4f} | "
-                     f"{_human(f['bytes_up'])} | {_human(f['bytes_down'])} | "
-                     + " | ".join("-" if x is None else str(x) for x in reach) + " |")
-    return "\n".join(lines)
-
-
-def plot(rows, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == m]
-        ax1.plot([r["round"] for r in rs], [r["accuracy"] for r in rs], label=m)
-        if any(r["bytes_up"] for r in rs):
-            ax2.plot([max(r["bytes_up"], 1) for r in rs], [r["accuracy"] for r in rs], label=m)
-    ax1.set_xlabel("round")
-    ax1.set_ylabel("eval accuracy")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("bytes sent by clients (all, cumulative)")
-    ax2.set_ylabel("eval accuracy")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command].run(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except st.RunError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

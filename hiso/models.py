@@ -15,6 +15,7 @@ Needs ``transformers`` (tested with 5.24), and for GGUF files ``gguf`` and ``acc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -33,6 +34,7 @@ __all__ = [
     "CACHE_ENV",
     "OFFLINE_MODELS",
     "OfflineModel",
+    "check_model_source",
     "default_cache_root",
     "load_causal_lm",
     "load_tokenizer",
@@ -212,10 +214,8 @@ def _locate_wheel_file(spec: OfflineModel) -> Path:
 
 def _source_info(spec: OfflineModel, gguf: Path | None) -> dict[str, Any]:
     info: dict[str, Any] = {"format": _MARKER_FORMAT, **asdict(spec)}
-    try:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         info["version"] = importlib.metadata.version(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        pass
     if gguf is not None:
         info["size"] = gguf.stat().st_size
     info["transformers"] = importlib.metadata.version("transformers")  # provenance only
@@ -309,6 +309,32 @@ def _resolve_source(
     if path.suffix == ".gguf" or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no model file or folder at {path}")
     return "hub", text
+
+
+def check_model_source(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Where ``name_or_path`` would load from ("folder", "gguf", "offline alias" or "hub"), checked cheaply: no
+    weights are read and nothing is converted. Raises ``FileNotFoundError`` for a missing local path and
+    ``ImportError`` when a package the load needs is absent (for command lines that validate before heavy work)."""
+    _require("transformers", purpose="loading a causal LM")
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        _require("gguf", "accelerate", purpose=f"loading the GGUF file {path.name}")
+        return "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+        return "folder"
+    if text.lower() in OFFLINE_MODELS:
+        spec = OFFLINE_MODELS[text.lower()]
+        if not _cache_is_valid(_cache_folder(spec, cache_dir), spec):
+            if importlib.util.find_spec(spec.module) is None:
+                raise ImportError(f"the offline model {spec.alias!r} needs its wheel: {spec.pip_command}")
+            _require("gguf", "accelerate", purpose=f"converting the offline model {spec.alias!r}")
+        return "offline alias"
+    if path.suffix == ".gguf" or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no model file or folder at {path}")
+    return "hub"
 
 
 def _hub_kwargs(kind: str, cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from .ops import directions, global_offsets, hiso_round_, perturb_, replay_, zo_
 from .spec import SPEC_VERSION, CurvatureRule, Distribution
 
 __all__ = [
-    "__version__",
     "SPEC_VERSION",
     "CurvatureRule",
     "Distribution",
     "Round",
+    "__version__",
     "available_backends",
     "directions",
     "global_offsets",

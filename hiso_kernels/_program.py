@@ -2,13 +2,21 @@
 
 A round is a list of terms (seed, direction index, x coefficient a, curvature coefficient b) plus the round's weight
 decay and stochastic-rounding seed. Every public operation (perturb, update, HiSo round, replay) is a program of one
-or more rounds, so each backend needs exactly one fused kernel.
+or more rounds, so each backend needs exactly one fused kernel. The public functions build and validate a program
+once (:func:`build_program`) and hand its seven arrays to the ``hiso::apply_program_`` op as tensors.
+
+The seven arrays are views of one byte buffer (pinned when the parameters are on a GPU), so a GPU backend moves a
+program with one asynchronous copy, and a program seen recently on a device is not copied again
+(:func:`device_program`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Sequence
+import threading
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,17 +42,29 @@ class Round:
     weight_decay: float = 0.0
 
 
+#: the program's arrays in the op's schema order, with their dtypes (int64 first: every field starts 8-byte aligned)
+TENSOR_FIELDS = (
+    ("seeds", torch.int64),  # [T]
+    ("dirs", torch.int64),  # [T]
+    ("round_start", torch.int64),  # [R + 1]
+    ("round_rseed", torch.int64),  # [R], -1 = round to nearest even
+    ("coef_x", torch.float32),  # [T]
+    ("coef_h", torch.float32),  # [T]
+    ("round_wd", torch.float32),  # [R]
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """Rounds packed into flat arrays (CPU tensors); backends copy them to their device."""
+    """Rounds packed into flat CPU tensors; :func:`device_program` gives a backend their copy on its device."""
 
-    seeds: torch.Tensor  # int64 [T]
-    dirs: torch.Tensor  # int64 [T]
-    coef_x: torch.Tensor  # float32 [T]
-    coef_h: torch.Tensor  # float32 [T]
-    round_start: torch.Tensor  # int64 [R + 1]
-    round_wd: torch.Tensor  # float32 [R]
-    round_rseed: torch.Tensor  # int64 [R], -1 = round to nearest even
+    seeds: torch.Tensor
+    dirs: torch.Tensor
+    round_start: torch.Tensor
+    round_rseed: torch.Tensor
+    coef_x: torch.Tensor
+    coef_h: torch.Tensor
+    round_wd: torch.Tensor
     distribution: Distribution
     rule: CurvatureRule
     beta: float
@@ -59,6 +79,9 @@ class Program:
     def n_terms(self) -> int:
         return int(self.seeds.numel())
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name, _ in TENSOR_FIELDS)
+
     def rounds(self):
         """Yield (round index, term slice, weight decay, rounding seed) in order (for the reference backend)."""
         starts = self.round_start.tolist()
@@ -67,15 +90,11 @@ class Program:
         for r in range(self.n_rounds):
             yield r, slice(starts[r], starts[r + 1]), wds[r], rseeds[r]
 
-    def to(self, device: torch.device) -> "Program":
-        if device.type == "cpu":
-            return self
-        fields = {}
-        for f in ("seeds", "dirs", "coef_x", "coef_h", "round_start", "round_wd", "round_rseed"):
-            fields[f] = getattr(self, f).to(device, non_blocking=True)
-        return dataclasses.replace(self, **fields)
+    def to(self, device: torch.device) -> Program:
+        return device_program(self, device)
 
 
+# ------------------------------------------------------------------------------------------------ building
 def _as_list(name: str, values) -> list:
     if isinstance(values, torch.Tensor):
         if values.dim() > 1:
@@ -114,6 +133,19 @@ def normalize_round(r: int, rnd: Round) -> tuple[list[int], list[int], list[floa
     return s, p, a, b, _check_f32(f"rounds[{r}].weight_decay", rnd.weight_decay)
 
 
+def curvature_parameters(rule: CurvatureRule, beta, h_min) -> tuple[float, float, float]:
+    """(beta, 1 - beta, h_min) as fp32, checked when the rule updates H (zeros otherwise)."""
+    if rule == CurvatureRule.NONE:
+        return 0.0, spec.to_f32(1.0), 0.0
+    beta = _check_f32("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    h_min = _check_f32("h_min", h_min)
+    if not h_min > 0.0:
+        raise ValueError(f"h_min must be > 0, got {h_min}")
+    return beta, spec.to_f32(1.0 - beta), h_min
+
+
 def build_program(
     rounds: Sequence[Round],
     *,
@@ -122,22 +154,14 @@ def build_program(
     beta: float = 0.0,
     h_min: float = 0.0,
     stochastic_rounding: bool = False,
+    pin_memory: bool = False,
 ) -> Program:
     """Validate and pack rounds. Raises ValueError / TypeError before anything is written anywhere."""
     distribution = Distribution.parse(distribution)
     rule = CurvatureRule.parse(rule)
     if not isinstance(stochastic_rounding, bool):
         raise TypeError("stochastic_rounding must be a bool")
-    if rule != CurvatureRule.NONE:
-        beta = _check_f32("beta", beta)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        h_min = _check_f32("h_min", h_min)
-        if not h_min > 0.0:
-            raise ValueError(f"h_min must be > 0, got {h_min}")
-    else:
-        beta, h_min = 0.0, 0.0
-    one_minus_beta = spec.to_f32(1.0 - beta)
+    beta, one_minus_beta, h_min = curvature_parameters(rule, beta, h_min)
     if isinstance(rounds, Round):
         rounds = [rounds]
     rounds = _as_list("rounds", rounds)
@@ -153,11 +177,10 @@ def build_program(
     rseeds: list[int] = []
     for r, rnd in enumerate(rounds):
         s, p, a, b, wd = normalize_round(r, rnd)
-        b = [0.0] * len(s) if b is None else b
         seeds += s
         dirs += p
         coef_x += a
-        coef_h += b
+        coef_h += [0.0] * len(s) if b is None else b
         starts.append(len(seeds))
         wds.append(wd)
         if stochastic_rounding:
@@ -166,17 +189,114 @@ def build_program(
             rseeds.append(spec.rounding_seed(*words))
         else:
             rseeds.append(-1)
-    return Program(
-        seeds=torch.tensor(seeds, dtype=torch.int64),
-        dirs=torch.tensor(dirs, dtype=torch.int64),
-        coef_x=torch.tensor(coef_x, dtype=torch.float32),
-        coef_h=torch.tensor(coef_h, dtype=torch.float32),
-        round_start=torch.tensor(starts, dtype=torch.int64),
-        round_wd=torch.tensor(wds, dtype=torch.float32),
-        round_rseed=torch.tensor(rseeds, dtype=torch.int64),
-        distribution=distribution,
-        rule=rule,
-        beta=beta,
-        one_minus_beta=one_minus_beta,
-        h_min=h_min,
-    )
+    arrays = {"seeds": seeds, "dirs": dirs, "round_start": starts, "round_rseed": rseeds, "coef_x": coef_x,
+              "coef_h": coef_h, "round_wd": wds}
+    return Program(**pack(arrays, pin_memory), distribution=distribution, rule=rule, beta=beta,
+                   one_minus_beta=one_minus_beta, h_min=h_min)
+
+
+def pack(arrays: dict, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """The seven arrays as views of one byte buffer, each field 8-byte aligned (one copy moves them all)."""
+    layout = []
+    nbytes = 0
+    for name, dtype in TENSOR_FIELDS:
+        n = len(arrays[name])
+        size = n * (8 if dtype == torch.int64 else 4)
+        layout.append((name, dtype, nbytes, n))
+        nbytes += (size + 7) // 8 * 8
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory and torch.cuda.is_available())
+    host = buf.numpy()
+    out = {}
+    for name, dtype, start, n in layout:
+        np_dtype = np.int64 if dtype == torch.int64 else np.float32
+        host[start : start + n * np.dtype(np_dtype).itemsize].view(np_dtype)[:] = arrays[name]
+        out[name] = buf[start : start + n * np.dtype(np_dtype).itemsize].view(dtype)
+    return out
+
+
+def program_from_tensors(tensors: Sequence[torch.Tensor], distribution: int, rule: int, beta: float,
+                         one_minus_beta: float, h_min: float) -> Program:
+    """A Program from the op's arguments, with the structural checks a direct ``torch.ops.hiso`` call needs (the
+    public functions have checked every value already). Raises ValueError / TypeError."""
+    fields = {}
+    for (name, dtype), t in zip(TENSOR_FIELDS, tensors, strict=True):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1 or t.device.type != "cpu":
+            raise TypeError(f"program field {name} must be a one-dimensional {dtype} CPU tensor")
+        fields[name] = t
+    n_terms, n_rounds = fields["seeds"].numel(), fields["round_wd"].numel()
+    if any(fields[f].numel() != n_terms for f in ("dirs", "coef_x", "coef_h")) or n_rounds < 1 or \
+            fields["round_rseed"].numel() != n_rounds or fields["round_start"].numel() != n_rounds + 1:
+        raise ValueError("program fields have inconsistent lengths")
+    starts = fields["round_start"].numpy()
+    if starts[0] != 0 or starts[-1] != n_terms or (np.diff(starts) <= 0).any():
+        raise ValueError("round_start must rise strictly from 0 to the number of terms (every round has a term)")
+    seeds, dirs = fields["seeds"].numpy(), fields["dirs"].numpy()
+    if (seeds < 0).any() or (dirs < 0).any() or (dirs > spec.DIRECTION_MAX).any() or \
+            (fields["round_rseed"].numpy() < -1).any():
+        raise ValueError("seeds, directions or rounding seeds out of range")
+    if not all(np.isfinite(fields[f].numpy()).all() for f in ("coef_x", "coef_h", "round_wd")):
+        raise ValueError("program coefficients must be finite")
+    rule = CurvatureRule.parse(rule)
+    return Program(**fields, distribution=Distribution.parse(distribution), rule=rule, beta=float(beta),
+                   one_minus_beta=float(one_minus_beta), h_min=float(h_min))
+
+
+# ------------------------------------------------------------------------------------------------ device copies
+class _DevicePrograms:
+    """Device copies of recent programs, keyed by device, stream and content: a MeZO step perturbs with the same
+    program twice, and a replica replays what its peers ran. Programs above ``max_bytes`` are not kept."""
+
+    def __init__(self, capacity: int = 64, max_bytes: int = 1 << 16):
+        self._data: collections.OrderedDict = collections.OrderedDict()
+        self._capacity = capacity
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, prog: Program, device: torch.device) -> Program:
+        buf = _shared_buffer(prog)
+        if buf is None:  # separate tensors (a direct op call): one copy per field
+            fields: dict[str, Any] = {name: t.to(device, non_blocking=True)
+                                      for (name, _), t in zip(TENSOR_FIELDS, prog.tensors())}
+            return _with_fields(prog, fields)
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (device, stream, buf.numpy().tobytes()) if buf.numel() <= self._max_bytes else None
+        if key is not None:
+            with self._lock:
+                hit = self._data.get(key)
+                if hit is not None:
+                    self._data.move_to_end(key)
+                    return _with_fields(prog, hit)
+        dev = buf.to(device, non_blocking=True)  # asynchronous when buf is pinned
+        fields = {}  # name -> device tensor
+        for (name, dtype), t in zip(TENSOR_FIELDS, prog.tensors()):
+            start = t.storage_offset() * t.element_size()
+            fields[name] = dev[start : start + t.numel() * t.element_size()].view(dtype)
+        if key is not None:
+            with self._lock:
+                self._data[key] = fields
+                while len(self._data) > self._capacity:
+                    self._data.popitem(last=False)
+        return _with_fields(prog, fields)
+
+
+def _with_fields(prog: Program, fields: dict[str, Any]) -> Program:
+    return dataclasses.replace(prog, **fields)
+
+
+def _shared_buffer(prog: Program) -> torch.Tensor | None:
+    """The byte buffer that all seven arrays view, or None if they do not share one."""
+    tensors = prog.tensors()
+    storage = tensors[0].untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() or not t.is_contiguous() for t in tensors):
+        return None
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+
+
+_DEVICE_PROGRAMS = _DevicePrograms()
+
+
+def device_program(prog: Program, device: torch.device) -> Program:
+    """``prog`` with its arrays on ``device`` (itself on the CPU)."""
+    if device.type == "cpu":
+        return prog
+    return _DEVICE_PROGRAMS.get(prog, device)

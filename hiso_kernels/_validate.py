@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 
@@ -102,12 +103,13 @@ def _check_h_tensor(name: str, h: torch.Tensor, device: torch.device) -> None:
 
 
 def check_hessian_values(hessian: list[torch.Tensor]) -> None:
-    """H must be finite and > 0 everywhere (it is divided by its square root). One read pass per tensor."""
-    for i, h in enumerate(hessian):
-        if h.numel() == 0:
-            continue
-        lo, hi = torch.aminmax(h)
-        lo, hi = float(lo), float(hi)
+    """H must be finite and > 0 everywhere (it is divided by its square root). One read pass over every tensor and a
+    single synchronisation for the whole list (the minima and maxima are gathered on the device first)."""
+    nonempty = [(i, h) for i, h in enumerate(hessian) if h.numel()]
+    if not nonempty:
+        return
+    stats = torch.stack([torch.stack(torch.aminmax(h)) for _, h in nonempty]).tolist()
+    for (i, _), (lo, hi) in zip(nonempty, stats):
         if not (lo > 0.0 and hi < math.inf):  # NaN fails both comparisons
             raise ValueError(
                 f"hessian[{i}] must be finite and > 0 everywhere (found min {lo}, max {hi}); "
@@ -123,7 +125,7 @@ def check_no_overlap(tensors: list[torch.Tensor]) -> None:
         start = t.data_ptr()
         spans.append((start, start + t.numel() * t.element_size(), i))
     spans.sort()
-    for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+    for (_, e0, i0), (s1, _, i1) in itertools.pairwise(spans):
         if s1 < e0:
             raise ValueError(
                 f"tensors {min(i0, i1)} and {max(i0, i1)} share memory; each element may be updated only once per call"

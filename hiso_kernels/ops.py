@@ -1,4 +1,4 @@
-"""Public in-place zeroth-order operations (design section 2), registered as ``torch.ops.hiso.*`` custom ops.
+"""Public in-place zeroth-order operations (``docs/kernels.md``), run through ``torch.ops.hiso.*`` custom ops.
 
 All operations work on a list of parameter tensors that together form the flat vector x: element ``k`` of
 ``params[i]`` has the global index ``offset + numel(params[:i]) + k``, and direction values depend only on
@@ -10,13 +10,13 @@ either one tensor per parameter or one flat tensor over all of them.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from . import _validate as v
 from . import spec
-from ._program import Round, build_program, normalize_round
+from ._program import Program, Round, build_program, program_from_tensors
 from .backends import select_backend
 from .spec import CurvatureRule, Distribution
 
@@ -27,67 +27,64 @@ DEFAULT_H_MIN = 1e-8
 def _run(
     params: list[torch.Tensor],
     hessian: list[torch.Tensor],
-    rounds: list[Round],
+    program: Program,
     *,
     offset: int,
-    distribution,
-    rule,
-    beta: float,
-    h_min: float,
-    stochastic_rounding: bool,
-    backend: Optional[str],
+    backend: str | None,
     check_hessian: bool,
 ) -> None:
-    """Validate everything, then run one program. Nothing is written if any check fails."""
+    """Validate the tensors, then run one program. Nothing is written if any check fails."""
     params = v.tensor_list("params", params)
     hessian = v.tensor_list("hessian", hessian, allow_empty=True)
     device = v.check_params(params)
     h_views = v.check_hessian(hessian, params)
     offsets = v.global_offsets(params, offset)
-    rule = CurvatureRule.parse(rule)
-    if rule != CurvatureRule.NONE and h_views is None:
-        raise ValueError(f"curvature rule {rule.name.lower()!r} updates H, so a hessian is required")
-    program = build_program(
-        rounds, distribution=distribution, rule=rule, beta=beta, h_min=h_min, stochastic_rounding=stochastic_rounding
-    )
+    if program.rule != CurvatureRule.NONE and h_views is None:
+        raise ValueError(f"curvature rule {program.rule.name.lower()!r} updates H, so a hessian is required")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
     impl = select_backend(device, backend)
     if h_views is not None and check_hessian:
-        v.check_hessian_values(h_views)
+        v.check_hessian_values(hessian)  # the caller's tensors: a flat H is checked as one tensor
     if all(p.numel() == 0 for p in params):
         return
     impl.apply(params, h_views, offsets, program)
 
 
-def _split_rounds(
-    seeds: Sequence[int],
-    directions: Sequence[int],
-    coefficients: Sequence[float],
-    curvature_coefficients: Sequence[float],
-    round_sizes: Sequence[int],
-    weight_decay: Sequence[float],
-) -> list[Round]:
-    if len(round_sizes) != len(weight_decay):
-        raise ValueError("round_sizes and weight_decay must have one entry per round")
-    if sum(round_sizes) != len(seeds) or any(n <= 0 for n in round_sizes):
-        raise ValueError("round_sizes must be positive and sum to the number of terms")
-    if curvature_coefficients and len(curvature_coefficients) != len(seeds):
-        raise ValueError(
-            f"curvature_coefficients has {len(curvature_coefficients)} entries for {len(seeds)} terms (or pass none)"
-        )
-    rounds = []
-    pos = 0
-    for n, wd in zip(round_sizes, weight_decay):
-        sl = slice(pos, pos + n)
-        rounds.append(
-            Round(seeds[sl], directions[sl], coefficients[sl], curvature_coefficients[sl] or None, weight_decay=wd)
-        )
-        pos += n
-    return rounds
-
-
 # ---------------------------------------------------------------- registered custom ops (the torch.ops.hiso namespace)
+@torch.library.custom_op("hiso::apply_program_", mutates_args=("params", "hessian"))
+def _apply_program_op(
+    params: list[torch.Tensor],
+    hessian: list[torch.Tensor],
+    seeds: torch.Tensor,
+    dirs: torch.Tensor,
+    round_start: torch.Tensor,
+    round_rseed: torch.Tensor,
+    coef_x: torch.Tensor,
+    coef_h: torch.Tensor,
+    round_wd: torch.Tensor,
+    offset: int,
+    distribution: int,
+    curvature_rule: int,
+    beta: float,
+    one_minus_beta: float,
+    h_min: float,
+    backend: str | None,
+    check_hessian: bool,
+) -> None:
+    """Run a program (the packed rounds of ``hiso_kernels._program``, as CPU tensors) in place on ``params`` and
+    ``hessian``. The public functions build the program; every operation goes through this op."""
+    program = program_from_tensors((seeds, dirs, round_start, round_rseed, coef_x, coef_h, round_wd), distribution,
+                                   curvature_rule, beta, one_minus_beta, h_min)
+    _run(params, hessian, program, offset=offset, backend=backend, check_hessian=check_hessian)
+
+
+@_apply_program_op.register_fake
+def _(params, hessian, seeds, dirs, round_start, round_rseed, coef_x, coef_h, round_wd, offset, distribution,
+      curvature_rule, beta, one_minus_beta, h_min, backend, check_hessian):
+    return None
+
+
 @torch.library.custom_op("hiso::perturb_", mutates_args=("params",))
 def _perturb_op(
     params: list[torch.Tensor],
@@ -98,63 +95,23 @@ def _perturb_op(
     offset: int,
     distribution: str,
     stochastic_rounding: bool,
-    backend: Optional[str],
+    backend: str | None,
     check_hessian: bool,
 ) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-    _run(
-        params,
-        hessian,
-        [Round([seed], [direction], [-float(alpha)])],
-        offset=offset,
-        distribution=distribution,
-        rule=CurvatureRule.NONE,
-        beta=0.0,
-        h_min=0.0,
-        stochastic_rounding=stochastic_rounding,
-        backend=backend,
-        check_hessian=check_hessian,
-    )
+    """x <- x + alpha u(seed, direction) / sqrt(H) with scalar arguments (a convenience for callers of torch.ops;
+    ``hiso_kernels.perturb_`` builds its program and calls ``apply_program_``)."""
+    program = _perturb_program(seed, alpha, direction, distribution, stochastic_rounding, params)
+    _run(params, hessian, program, offset=offset, backend=backend, check_hessian=check_hessian)
 
 
-@torch.library.custom_op("hiso::replay_", mutates_args=("params", "hessian"))
-def _replay_op(
-    params: list[torch.Tensor],
-    hessian: list[torch.Tensor],
-    seeds: list[int],
-    directions: list[int],
-    coefficients: list[float],
-    curvature_coefficients: list[float],
-    round_sizes: list[int],
-    weight_decay: list[float],
-    offset: int,
-    rule: str,
-    beta: float,
-    h_min: float,
-    distribution: str,
-    stochastic_rounding: bool,
-    backend: Optional[str],
-    check_hessian: bool,
-) -> None:
-    _run(
-        params,
-        hessian,
-        _split_rounds(seeds, directions, coefficients, curvature_coefficients, round_sizes, weight_decay),
-        offset=offset,
-        distribution=distribution,
-        rule=rule,
-        beta=beta,
-        h_min=h_min,
-        stochastic_rounding=stochastic_rounding,
-        backend=backend,
-        check_hessian=check_hessian,
-    )
+@_perturb_op.register_fake
+def _(params, hessian, seed, alpha, direction, offset, distribution, stochastic_rounding, backend, check_hessian):
+    return None
 
 
 @torch.library.custom_op("hiso::directions", mutates_args=())
 def _directions_op(
-    seed: int, numel: int, direction: int, offset: int, distribution: str, device: torch.device, backend: Optional[str]
+    seed: int, numel: int, direction: int, offset: int, distribution: str, device: torch.device, backend: str | None
 ) -> torch.Tensor:
     seed = v.check_int("seed", seed, 0, spec.SEED_MAX)
     direction = v.check_int("direction", direction, 0, spec.DIRECTION_MAX)
@@ -170,12 +127,40 @@ def _(seed, numel, direction, offset, distribution, device, backend):
     return torch.empty(numel, dtype=torch.float32, device=device)
 
 
+@torch.compiler.disable
+def _perturb_program(seed, alpha, direction, distribution, stochastic_rounding, params) -> Program:
+    seed = v.check_int("seed", seed, 0, spec.SEED_MAX)
+    direction = v.check_int("direction", direction, 0, spec.DIRECTION_MAX)
+    alpha = v.check_f32("alpha", alpha)
+    return build_program([Round([seed], [direction], [-alpha])], distribution=distribution,
+                         rule=CurvatureRule.NONE, stochastic_rounding=_flag("stochastic_rounding",
+                                                                            stochastic_rounding),
+                         pin_memory=_on_gpu(params))
+
+
+@torch.compiler.disable
+def _replay_program(rounds, distribution, rule, beta, h_min, stochastic_rounding, params) -> Program:
+    return build_program(rounds, distribution=distribution, rule=rule, beta=beta, h_min=h_min,
+                         stochastic_rounding=_flag("stochastic_rounding", stochastic_rounding),
+                         pin_memory=_on_gpu(params))
+
+
+def _on_gpu(params) -> bool:
+    first = params[0] if isinstance(params, (list, tuple)) and params else params
+    return isinstance(first, torch.Tensor) and first.device.type == "cuda"
+
+
+def _call_op(params, hessian, program: Program, offset: int, backend, check_hessian) -> None:
+    torch.ops.hiso.apply_program_(
+        params, hessian, *program.tensors(), offset, int(program.distribution), int(program.rule), program.beta,
+        program.one_minus_beta, program.h_min, backend, check_hessian,
+    )
+
+
 # ---------------------------------------------------------------- public Python API
 def _seq(name: str, value, n: int | None = None) -> list:
     """A scalar broadcast to length n, or a sequence (tensors and arrays accepted)."""
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    elif hasattr(value, "tolist") and not isinstance(value, (int, float)):
+    if isinstance(value, torch.Tensor) or (hasattr(value, "tolist") and not isinstance(value, (int, float))):
         value = value.tolist()
     if isinstance(value, (list, tuple, range)):
         return list(value)
@@ -239,10 +224,6 @@ def global_offsets(params, offset: int = 0) -> list[int]:
     return v.global_offsets(v.tensor_list("params", params), offset)
 
 
-def _rule_arg(rule) -> str:
-    return CurvatureRule.parse(rule).name.lower()
-
-
 def perturb_(
     params,
     seed: int,
@@ -258,16 +239,13 @@ def perturb_(
 ) -> None:
     """x <- x + alpha * u(seed, direction) / sqrt(H), in place, in one pass (H optional, read only).
 
-    MeZO's perturb / restore: ``perturb_(p, s, mu)``, ``perturb_(p, s, -2 * mu)``, ``perturb_(p, s, mu)``.
+    MeZO's perturb / restore (arXiv 2305.17333): ``perturb_(p, s, mu)``, ``perturb_(p, s, -2 * mu)``,
+    ``perturb_(p, s, mu)``.
     """
-    seed = v.check_int("seed", seed, 0, spec.SEED_MAX)
-    direction = v.check_int("direction", direction, 0, spec.DIRECTION_MAX)
-    alpha = v.check_f32("alpha", alpha)
-    torch.ops.hiso.perturb_(
-        _params_arg(params), _hessian_arg(hessian), seed, alpha, direction, _offset_arg(offset),
-        _dist_arg(distribution), _flag("stochastic_rounding", stochastic_rounding), backend,
-        _flag("check_hessian", check_hessian),
-    )
+    params = _params_arg(params)
+    program = _perturb_program(seed, alpha, direction, distribution, stochastic_rounding, params)
+    _call_op(params, _hessian_arg(hessian), program, _offset_arg(offset), backend,
+             _flag("check_hessian", check_hessian))
 
 
 def zo_update_(
@@ -317,7 +295,8 @@ def hiso_round_(
     check_hessian: bool = True,
     rule: str | None = None,
 ) -> None:
-    """One HiSo round in one pass: the x update with the old H, then the H update (design section 1).
+    """One HiSo round in one pass: the x update with the old H, then the H update (``docs/kernels.md``; HiSo,
+    arXiv 2506.02370, with the authors' rule "gsq").
 
     x <- x - (sum_i a_i u_i / sqrt(H) + weight_decay x);   H <- max(beta H + (1 - beta) v, h_min) with
     v = (sum_i b_i u_i / sqrt(H))^2 for rule "gsq" (HiSo: b_i = c_i / P of the round's last step) or
@@ -370,23 +349,11 @@ def replay_(
         raise ValueError("rounds is empty")
     if curvature_rule is None:
         curvature_rule = "gsq" if hessian is not None else "none"
-    seeds, dirs, coefs, curv, sizes, wds = [], [], [], [], [], []
-    any_curv = False
-    for r, rnd in enumerate(rounds):
-        seeds_r, dirs_r, coefs_r, curv_r, wd_r = normalize_round(r, rnd)
-        seeds += seeds_r
-        dirs += dirs_r
-        coefs += coefs_r
-        curv += [0.0] * len(seeds_r) if curv_r is None else curv_r
-        any_curv |= curv_r is not None
-        sizes.append(len(seeds_r))
-        wds.append(wd_r)
-    torch.ops.hiso.replay_(
-        _params_arg(params), _hessian_arg(hessian), seeds, dirs, coefs, curv if any_curv else [], sizes, wds,
-        _offset_arg(offset), _rule_arg(curvature_rule), v.check_f32("beta", beta), v.check_f32("h_min", h_min),
-        _dist_arg(distribution), _flag("stochastic_rounding", stochastic_rounding), backend,
-        _flag("check_hessian", check_hessian),
-    )
+    params = _params_arg(params)
+    program = _replay_program(rounds, distribution, CurvatureRule.parse(curvature_rule), beta, h_min,
+                              stochastic_rounding, params)
+    _call_op(params, _hessian_arg(hessian), program, _offset_arg(offset), backend,
+             _flag("check_hessian", check_hessian))
 
 
 def directions(

@@ -34,10 +34,10 @@ def agreement() -> bool:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         ref_p, ref_h = _state(dtype, "cpu")
-        _program(ref_p, ref_h, "torch")
+        _program(ref_p, ref_h, "reference")
         for device in devices:
             for backend in available_backends(device):
-                if backend == "torch" and device == "cpu":
+                if backend == "reference" and device == "cpu":
                     continue
                 p, h = _state(dtype, device)
                 _program(p, h, backend)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     print(report())
     print("\nagreement with the reference (perturb, HiSo round with stochastic rounding, replay):")
     ok = agreement()
-    print("\nthroughput (this machine, torch threads = %d):" % torch.get_num_threads())
+    print(f"\nthroughput (this machine, torch threads = {torch.get_num_threads()}):")
     throughput(args.numel)
     _ = directions(0, 4)  # the public generator works
     return 0 if ok else 1

@@ -77,7 +77,7 @@ class Distribution(enum.IntEnum):
     RADEMACHER = 1  # +-1 from the top bit of one Philox word
 
     @classmethod
-    def parse(cls, value: "str | int | Distribution") -> "Distribution":
+    def parse(cls, value: str | int | Distribution) -> Distribution:
         return _parse_enum(cls, value, "distribution")
 
 
@@ -87,7 +87,7 @@ class CurvatureRule(enum.IntEnum):
     With the per-term curvature coefficients b_i and directions u_i of a round, s = sqrt(H):
 
     * ``NONE``: H is read (scaling) but not written.
-    * ``GSQ`` (HiSo, authors' ``adam_forward.py``): v = (sum_i b_i u_i / s)^2.
+    * ``GSQ`` (HiSo, arXiv 2506.02370; the authors' ``adam_forward.py``): v = (sum_i b_i u_i / s)^2.
     * ``STEIN`` (second-difference rule): v = H * sum_i b_i (u_i^2 - 1); with b_i = Delta_i / P and
       Delta_i = (f(x+mu z_i) + f(x-mu z_i) - 2 f(x)) / (2 mu^2) this is an unbiased estimate of diag(A) for a quadratic.
 
@@ -99,7 +99,7 @@ class CurvatureRule(enum.IntEnum):
     STEIN = 2
 
     @classmethod
-    def parse(cls, value: "str | int | CurvatureRule") -> "CurvatureRule":
+    def parse(cls, value: str | int | CurvatureRule) -> CurvatureRule:
         return _parse_enum(cls, value, "curvature rule")
 
 

@@ -11,8 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import host_fused_backends  # noqa: E402
-
+from helpers import host_fused_backends
 
 
 @pytest.fixture(params=host_fused_backends())

@@ -11,13 +11,13 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def host_fused_backends() -> list[str]:
     """Fused backends that run on CPU tensors here (cpu; triton when interpreted)."""
-    return [b for b in hk.available_backends("cpu") if b != "torch"]
+    return [b for b in hk.available_backends("cpu") if b != "reference"]
 
 
 def gpu_backends() -> list[str]:
     if not torch.cuda.is_available():
         return []
-    return [b for b in hk.available_backends("cuda") if b != "torch"]
+    return [b for b in hk.available_backends("cuda") if b != "reference"]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

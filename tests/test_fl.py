@@ -7,11 +7,20 @@ import struct
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal
 
-from hiso.fl import (Client, ClientReply, FLConfig, MessageError, Replica, RoundAssignment, RoundRecord, Server,
-                     local_steps)
-from hiso.fl import messages
+from helpers import assert_bitwise_equal
+from hiso.fl import (
+    Client,
+    ClientReply,
+    FLConfig,
+    MessageError,
+    Replica,
+    RoundAssignment,
+    RoundRecord,
+    Server,
+    messages,
+    run_local_steps,
+)
 
 torch.manual_seed(0)
 DATA = [(torch.randn(32, 10), torch.randint(0, 3, (32,))) for _ in range(12)]
@@ -47,11 +56,11 @@ def test_reply_byte_count_k1_p5():
     assert messages.REPLY_OVERHEAD == 15
     assert len(blob) == 15 + 20
     back = ClientReply.decode(blob)
-    assert back.round == 7 and back.client == 3 and back.curvature is None
+    assert back.round == 7 and back.client == 3 and back.second_differences is None
     assert back.scalars == tuple(tuple(struct.unpack("<5f", struct.pack("<5f", *reply.scalars[0]))) for _ in [0])
 
 
-def test_messages_round_trip_with_catch_up_and_curvature():
+def test_messages_round_trip_with_catch_up_and_second_differences():
     recs = tuple(RoundRecord(r, (2**62 + r, 5), ((1.0, 2.0), (3.0, 4.0)), ((0.5, 0.5), (0.25, 0.125)))
                  for r in range(3))
     a = RoundAssignment(3, 1, (11, 12), recs)
@@ -59,6 +68,23 @@ def test_messages_round_trip_with_catch_up_and_curvature():
     assert len(recs[0].encode()) == 9 + 2 * 8 + 2 * 4 * 4
     r = ClientReply(3, 1, ((1.5, 2.5), (3.5, 4.5)), ((0.5, 1.0), (1.5, 2.0)))
     assert ClientReply.decode(r.encode()) == r
+
+
+def test_deprecated_names_still_work():
+    """Renamed in 0.2 (docs/changelog.md): the old names warn and mean the new ones."""
+    r = ClientReply(3, 1, ((1.5,),), ((0.5,),))
+    with pytest.warns(DeprecationWarning):
+        assert r.curvature == r.second_differences
+    with pytest.warns(DeprecationWarning):
+        config = FLConfig(curvature="stein")
+    assert config.curvature_rule == "stein"
+    assert FLConfig.from_json(config.to_json().replace("curvature_rule", "curvature")) == config
+    from hiso import fl
+
+    replica = Replica(make_model().parameters(), FLConfig(method="decomfl", num_directions=1))
+    with pytest.warns(DeprecationWarning):
+        scalars, _, _ = fl.local_steps(replica, [5], batch_source(make_model(), 0))
+    assert len(scalars) == 1
 
 
 @pytest.mark.parametrize("mutate", ["magic", "version", "type", "truncate", "extend"])
@@ -82,7 +108,7 @@ def test_undecodable_messages(mutate):
 CONFIGS = {
     "hiso_k2": FLConfig(method="hiso", lr=0.05, local_steps=2, num_directions=3),
     "decomfl": FLConfig(method="decomfl", lr=0.05, local_steps=1, num_directions=5, difference="forward"),
-    "hiso_stein": FLConfig(method="hiso", lr=0.05, local_steps=1, num_directions=2, curvature="stein", beta=0.99,
+    "hiso_stein": FLConfig(method="hiso", lr=0.05, local_steps=1, num_directions=2, curvature_rule="stein", beta=0.99,
                            h_min=1e-2),
 }
 
@@ -126,8 +152,8 @@ def test_checkpoint_is_small_and_resumes_exactly():
     shared.hessian = server.replica.hessian
     for _ in range(5):
         for a in server.begin_round():
-            scalars, curv, _ = local_steps(server.replica, a.seeds, batch_source(model, a.client))
-            server.submit(ClientReply(a.round, a.client, scalars, curv))
+            scalars, curv, _ = run_local_steps(server.replica, a.seeds, batch_source(model, a.client))
+            server.submit(ClientReply(a.round, a.client, scalars, curv), sender=a.client)
         server.end_round()
     blob = server.checkpoint()
     assert len(blob) < 2048
@@ -144,7 +170,7 @@ def _round_with(server, replies_by_client, model):
     for a in assignments:
         make = replies_by_client.get(a.client)
         if make is None:
-            scalars, curv, _ = local_steps(server.replica, a.seeds, batch_source(model, a.client))
+            scalars, curv, _ = run_local_steps(server.replica, a.seeds, batch_source(model, a.client))
             reply = ClientReply(a.round, a.client, scalars, curv)
         else:
             reply = make(a)
@@ -173,11 +199,7 @@ def test_hostile_reply_is_rejected_and_round_completes(kind):
     _round_with(server, {}, model)  # a normal round first, so "stale" has a past round to point at
     before = bits_of(server.replica)
     twin_model = make_model()
-    twin = Server(config, 4, 4, replica=Replica(twin_model.parameters(), config), sampling_seed=0,
-                  experiment_seed=5)
-    twin.records = list(server.records)
-    twin.replica.apply(twin.records)
-    twin.client_round = list(server.client_round)
+    twin = Server.restore(server.checkpoint(), replica=Replica(twin_model.parameters(), config))
     # the hostile client is client 2; its twin run simply never hears from it
     _, results, record = _round_with(server, {2: HOSTILE[kind]}, model)
     assert results[2] is False and server.rejections and server.rejections[-1][0] == 1
@@ -187,8 +209,8 @@ def test_hostile_reply_is_rejected_and_round_completes(kind):
     for a in twin_assign:
         if a.client == 2:
             continue
-        scalars, curv, _ = local_steps(twin.replica, a.seeds, batch_source(twin_model, a.client))
-        twin.submit(ClientReply(a.round, a.client, scalars, curv))
+        scalars, curv, _ = run_local_steps(twin.replica, a.seeds, batch_source(twin_model, a.client))
+        twin.submit(ClientReply(a.round, a.client, scalars, curv), sender=a.client)
     twin_record = twin.end_round()
     assert twin_record == record  # the hostile reply changed nothing in the log
     for a, b in zip(bits_of(server.replica), bits_of(twin.replica)):
@@ -200,8 +222,8 @@ def test_duplicate_reply_rejected():
     config = FLConfig(method="decomfl", local_steps=1, num_directions=2)
     server = Server(config, 2, 2, sampling_seed=0)
     a = server.begin_round()[0]
-    assert server.submit(ClientReply(a.round, a.client, ((1.0, 2.0),)))
-    assert not server.submit(ClientReply(a.round, a.client, ((1.0, 2.0),)))
+    assert server.submit(ClientReply(a.round, a.client, ((1.0, 2.0),)), sender=a.client)
+    assert not server.submit(ClientReply(a.round, a.client, ((1.0, 2.0),)), sender=a.client)
     assert "duplicate" in server.rejections[-1][2]
 
 
@@ -209,7 +231,7 @@ def test_round_without_valid_replies_leaves_everything_unchanged():
     config = FLConfig(method="decomfl", local_steps=1, num_directions=2)
     server = Server(config, 2, 2, sampling_seed=0)
     for a in server.begin_round():
-        server.submit(ClientReply(a.round, a.client, ((float("nan"), 1.0),)))
+        server.submit(ClientReply(a.round, a.client, ((float("nan"), 1.0),)), sender=a.client)
     assert server.end_round() is None and server.records == []
 
 
@@ -218,7 +240,7 @@ def test_aggregation_rules(aggregation, expected):
     config = FLConfig(method="decomfl", local_steps=1, num_directions=1)
     server = Server(config, 4, 4, aggregation=aggregation, trim=0.25, sampling_seed=0)
     for a, v in zip(server.begin_round(), [1.0, 2.0, 3.0, 99.0]):
-        server.submit(ClientReply(a.round, a.client, ((v,),)))
+        server.submit(ClientReply(a.round, a.client, ((v,),)), sender=a.client)
     assert server.end_round().scalars[0][0] == pytest.approx(expected)
 
 
@@ -234,7 +256,7 @@ def test_seeds_are_cryptographic_unless_an_experiment_seed_is_given():
 
 def test_invalid_configs():
     for kw in (dict(method="fedsgd"), dict(local_steps=0), dict(num_directions=256), dict(lr=float("nan")),
-               dict(curvature="stein", difference="forward"), dict(mu=0.0)):
+               dict(curvature_rule="stein", difference="forward"), dict(mu=0.0)):
         with pytest.raises(ValueError):
             FLConfig(**kw)
     with pytest.raises(ValueError):

@@ -14,9 +14,9 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from hiso.fl import Client, FLConfig, Replica, Server
-from hiso.fl.messages import REPLY_OVERHEAD
-from hiso.integrations import flower as hf
+from hiso.fl import Client, FLConfig, Replica, Server  # noqa: E402
+from hiso.fl.messages import REPLY_OVERHEAD  # noqa: E402
+from hiso.integrations import flower as hf  # noqa: E402
 
 N_NODES, PER_ROUND, ROUNDS = 4, 2, 6
 CONFIG = FLConfig(method="hiso", lr=2e-2, mu=1e-3, local_steps=2, num_directions=3)
@@ -36,15 +36,28 @@ def partition_data(pid: int):
 def make_client(pid: int, init_seed: int = 0) -> Client:
     model = make_model(init_seed)
     x, y = partition_data(pid)
-    state = {"i": 0}
+    position = Position()
 
     def next_closure():  # batches of 16 in a fixed cycle: the same sequence however the client is driven
-        i = state["i"] % 4
-        state["i"] += 1
+        i = position.i % 4
+        position.i += 1
         xb, yb = x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
         return lambda: torch.nn.functional.mse_loss(model(xb), yb)
 
-    return Client(pid, Replica(model.parameters(), CONFIG), next_closure)
+    return Client(pid, Replica(model.parameters(), CONFIG), next_closure, data_state=position)
+
+
+class Position:
+    """Where a client is in its data (what a node saves between messages)."""
+
+    def __init__(self):
+        self.i = 0
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
 
 
 def flower_client(context) -> Client:
@@ -82,15 +95,23 @@ def direct_reference(rounds: int, partition_of, *, silent=(), restart_at=None) -
     return server
 
 
-def grid_with(node_configs=None, run_id=1):
+def grid_with(node_configs=None, run_id=1, state_dir=""):
     hf.drop_resident()
     app = hf.make_client_app(flower_client)
+    if node_configs is None:
+        node_configs = [{"partition-id": i, "num-partitions": N_NODES} for i in range(N_NODES)]
+    node_configs = [{"state-dir": str(state_dir), **c} for c in node_configs]
     return hf.InProcessGrid(app, N_NODES, node_configs=node_configs, run_id=run_id)
 
 
 def partition_order(grid) -> list[int]:
-    """Client index -> the partition of that node (clients are the nodes sorted by id)."""
-    return [int(grid.contexts[n].node_config["partition-id"]) for n in sorted(grid.get_node_ids())]
+    """Client index (slot) -> the partition of the node holding it: a node's slot is its client's id, here its
+    partition, whatever Flower's node ids are."""
+    return list(range(N_NODES))
+
+
+def node_of_partition(grid, pid: int) -> int:
+    return next(n for n, c in grid.contexts.items() if int(c.node_config["partition-id"]) == pid)
 
 
 def bits_equal(a, b) -> bool:
@@ -109,8 +130,9 @@ def test_flower_run_equals_the_protocol_bit_for_bit():
     fresh.apply(server.records)
     assert bits_equal(fresh.state_bits(), server.replica.state_bits())
     # every node's resident model, caught up, holds them too
-    for node in grid.get_node_ids():
-        resident = hf._RESIDENT[(1, node)].client.replica
+    assert len(hf._RESIDENT) == N_NODES
+    for state in hf._RESIDENT.values():
+        resident = state.client.replica
         resident.apply(server.records[resident.applied:])
         assert bits_equal(resident.state_bits(), server.replica.state_bits())
     # bytes: each accepted reply is the protocol's framing + 4 K P bytes; Flower's envelope is counted apart
@@ -137,7 +159,7 @@ def test_node_with_other_initial_weights_is_rejected_and_changes_nothing():
     configs = [{"partition-id": i, "num-partitions": N_NODES} for i in range(N_NODES)]
     configs[2]["init-seed"] = 1  # this node starts from other weights
     grid = grid_with(configs)
-    bad = sorted(grid.get_node_ids()).index(list(grid.contexts)[2])
+    bad = 2  # the slot of partition 2
     server = new_server()
     hf.run_server(grid, server, ROUNDS, initial_digest=hf.params_digest(server.replica.params))
     reasons = [r for rnd, c, r in server.rejections if c == bad]
@@ -153,7 +175,7 @@ def test_client_app_exception_is_logged_and_the_round_completes():
     configs = [{"partition-id": i, "num-partitions": N_NODES} for i in range(N_NODES)]
     configs[0]["explode"] = True
     grid = grid_with(configs)
-    broken = sorted(grid.get_node_ids()).index(list(grid.contexts)[0])
+    broken = 0
     server = new_server()
     traffic = hf.run_server(grid, server, ROUNDS)
     assert len(server.records) == ROUNDS  # every round had a valid reply from someone
@@ -162,12 +184,22 @@ def test_client_app_exception_is_logged_and_the_round_completes():
     assert sum(t.failed for t in traffic) == len(failures)
 
 
-def test_run_server_rejects_a_grid_of_the_wrong_size():
+def test_run_server_rejects_an_admission_of_the_wrong_size():
     grid = grid_with()
     server = Server(CONFIG, N_NODES + 1, PER_ROUND)
     with pytest.raises(ValueError, match="expects 5 clients"):
-        hf.run_server(grid, server, 1)
+        hf.run_server(grid, server, 1, admission=hf.Admission(N_NODES))
     assert server.round == 0
+
+
+def test_a_slot_without_a_node_fails_its_rounds_and_the_rest_go_on():
+    grid = grid_with()
+    server = Server(CONFIG, N_NODES + 1, N_NODES + 1, replica=Replica(make_model().parameters(), CONFIG),
+                    experiment_seed=1, sampling_seed=1)
+    hf.run_server(grid, server, 2)
+    assert server.round == 2
+    assert {c for _, c, _ in server.rejections} == {N_NODES}
+    assert all("no admitted node holds slot 4" in r for _, _, r in server.rejections)
 
 
 def test_run_config_maps_to_the_simulation_config():

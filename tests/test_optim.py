@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal
 
 import hiso_kernels as hk
-from hiso.optim import HiSo, ZOSGD, ZOStep
+from helpers import assert_bitwise_equal
+from hiso.optim import ZOSGD, HiSo, ZOStep
 
 torch.manual_seed(0)
 X = torch.randn(64, 12)
@@ -39,7 +39,7 @@ CONFIGS = {
     "zosgd": (ZOSGD, dict(num_directions=3)),
     "zosgd_forward": (ZOSGD, dict(difference="forward", num_directions=2, weight_decay=0.1)),
     "hiso": (HiSo, dict(num_directions=2)),
-    "hiso_stein": (HiSo, dict(curvature="stein", beta=0.99, h_min=1e-2)),
+    "hiso_stein": (HiSo, dict(curvature_rule="stein", beta=0.99, h_min=1e-2)),
 }
 
 
@@ -82,11 +82,11 @@ def test_update_equals_design_equations(name):
     assert_bitwise_equal(flat(model), expected)
     if cls is HiSo:
         h = torch.cat([opt.state[p]["hessian"].reshape(-1) for p in model.parameters()])
-        if opt.curvature == "gsq":
+        if opt.curvature_rule == "gsq":
             g = sum(hk.spec.to_f32(c[p] / P) * z[p] for p in range(P)) / torch.sqrt(H)
             v = g * g
         else:
-            v = H * sum(hk.spec.to_f32(opt.history[0].curvature_scalars[p] / P) * (z[p] * z[p] - 1) for p in range(P))
+            v = H * sum(hk.spec.to_f32(opt.history[0].second_differences[p] / P) * (z[p] * z[p] - 1) for p in range(P))
         hn = hk.spec.to_f32(opt.beta) * H + hk.spec.to_f32(1 - opt.beta) * v
         assert torch.allclose(h, hn.clamp_min(opt.h_min), rtol=1e-6, atol=1e-7)
 
@@ -235,7 +235,7 @@ def test_invalid_arguments():
     with pytest.raises(ValueError):
         HiSo(m.parameters(), beta=1.5)
     with pytest.raises(ValueError):
-        HiSo(m.parameters(), curvature="stein", difference="forward")
+        HiSo(m.parameters(), curvature_rule="stein", difference="forward")
     opt = ZOSGD(m.parameters())
     with pytest.raises(ValueError):
         opt.step()

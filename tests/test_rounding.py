@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bitwise_equal
 
 import hiso_kernels as hk
+from helpers import assert_bitwise_equal
 from hiso_kernels.backends import reference
 
 HAVE_CPU = "cpu" in hk.available_backends()
@@ -111,21 +111,24 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from hiso_kernels.backends.triton import _bf16_nearest, _fp16_stochastic_value, _rounding_bits
+    from hiso_kernels.backends._triton_generator import bf16_nearest as _bf16_nearest
+    from hiso_kernels.backends._triton_generator import fp16_stochastic_value as _fp16_stochastic_value
+    from hiso_kernels.backends._triton_generator import rounding_bits as _rounding_bits
 
     @triton.jit
     def _round_kernel(y_ptr, out_ptr, n, start, rseed, BF16: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
         """Element i is rounded with the bits of global index start + i (start is a multiple of 4 here)."""
+        G: tl.constexpr = BLOCK // 4
         pid = tl.program_id(0)
-        g = start // 4 + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
-        i = pid * BLOCK + tl.arange(0, BLOCK)
+        g = start // 4 + pid * G + tl.arange(0, G).to(tl.int64)
+        i = pid * BLOCK + 4 * tl.arange(0, G)[:, None] + tl.arange(0, 4)[None, :]  # [G, 4] blocks, as the kernels
         mask = i < n
         y = tl.load(y_ptr + i, mask=mask, other=0.0)
         b = y.to(tl.uint32, bitcast=True)
         if SR:
             bits = _rounding_bits(rseed, g)
         else:
-            bits = tl.zeros([BLOCK], tl.uint32)
+            bits = tl.zeros([G, 4], tl.uint32)
         if BF16:
             if SR:
                 finite = (b & 0x7F800000) != 0x7F800000

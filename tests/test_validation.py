@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from helpers import host_fused_backends
 
 import hiso_kernels as hk
+from helpers import host_fused_backends
 from hiso_kernels import Round
 
-BACKENDS = ["torch"] + host_fused_backends()
+BACKENDS = ["reference"] + host_fused_backends()
 
 
 def fresh():
@@ -155,11 +155,27 @@ def test_unknown_and_unavailable_backends():
 def test_environment_override(monkeypatch):
     monkeypatch.setenv("HISO_BACKEND", "nonsense")
     expect_error(ValueError, lambda p, h: hk.perturb_(p, 1, 1.0), "unknown backend")
-    monkeypatch.setenv("HISO_BACKEND", "torch")
+    monkeypatch.setenv("HISO_BACKEND", "reference")
     from hiso_kernels.backends import select_backend
 
-    assert select_backend(torch.device("cpu")).name == "torch"
-    assert select_backend(torch.device("cpu"), "auto").name in ("cpu", "torch")
+    assert select_backend(torch.device("cpu")).name == "reference"
+    assert select_backend(torch.device("cpu"), "auto").name in ("cpu", "reference")
+
+
+def test_deprecated_backend_name_torch(monkeypatch):
+    """"torch" (the reference backend's old name) still selects it, with a one-time DeprecationWarning."""
+    from hiso_kernels import backends
+    from hiso_kernels.backends.reference import ReferenceBackend, TorchBackend
+
+    monkeypatch.setattr(backends, "_warned", set())
+    a, b = [torch.zeros(7)], [torch.zeros(7)]
+    with pytest.warns(DeprecationWarning, match="'torch' is deprecated; use 'reference'"):
+        hk.perturb_(a, 3, 0.5, backend="torch")
+    hk.perturb_(b, 3, 0.5, backend="reference")
+    assert torch.equal(a[0], b[0])
+    monkeypatch.setenv("HISO_BACKEND", "torch")
+    assert backends.select_backend(torch.device("cpu")).name == "reference"
+    assert TorchBackend is ReferenceBackend and "torch" not in hk.available_backends()
 
 
 def test_deprecated_rule_keyword_and_public_offsets():

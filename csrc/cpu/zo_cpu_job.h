@@ -8,8 +8,6 @@
 namespace hiso {
 namespace cpu {
 
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
 struct Job {
   const int64_t* slots;   // [n_slots, 4]: x address, H address (0 without H), numel, global offset of element 0
   const int64_t* chunks;  // [n_chunks, 2]: slot index, first global group of the chunk

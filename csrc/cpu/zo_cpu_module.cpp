@@ -70,11 +70,14 @@ T* as_ptr(int64_t address) {
   return reinterpret_cast<T*>(static_cast<intptr_t>(address));
 }
 
+// Called from Python with keyword arguments only (the names below; see backends/base.py: native_program_args).
 void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h, int rule,
          int distribution, int num_threads, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h,
          int64_t round_start, int64_t round_wd, int64_t round_rseed, int64_t n_rounds, double beta,
          double one_minus_beta, double h_min) {
   if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("unknown dtype code");
+  if (rule < kRuleNone || rule > kRuleStein) throw std::invalid_argument("unknown curvature rule code");
+  if (distribution < kGaussian || distribution > kRademacher) throw std::invalid_argument("unknown distribution code");
   if (groups_per_chunk <= 0 || groups_per_chunk % 16 != 0)
     throw std::invalid_argument("groups_per_chunk must be a positive multiple of 16");
   Job job;
@@ -121,7 +124,11 @@ void round_to_storage(int64_t y, int64_t out, int64_t start, int64_t n, int dtyp
 PYBIND11_MODULE(_cpu, m) {
   using namespace hiso::cpu;
   m.doc() = "hiso CPU kernels (C++, OpenMP, SIMD); internal: use hiso_kernels' public functions.";
-  m.def("run", &run, "Apply a zeroth-order program to the tensors of one dtype (raw addresses).");
+  m.def("run", &run, "Apply a zeroth-order program to the tensors of one dtype (raw addresses).", py::kw_only(),
+        py::arg("slots"), py::arg("chunks"), py::arg("n_chunks"), py::arg("groups_per_chunk"), py::arg("dtype"),
+        py::arg("has_h"), py::arg("rule"), py::arg("distribution"), py::arg("num_threads"), py::arg("seeds"),
+        py::arg("dirs"), py::arg("coef_x"), py::arg("coef_h"), py::arg("round_start"), py::arg("round_wd"),
+        py::arg("round_rseed"), py::arg("n_rounds"), py::arg("beta"), py::arg("one_minus_beta"), py::arg("h_min"));
   m.def("fill_directions", &fill_directions, "Write directions of (seed, p) for global indices [start, start+n).");
   m.def(
       "directions_sum",

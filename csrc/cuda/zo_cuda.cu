@@ -220,13 +220,13 @@ void launch_program(const int64_t* slots, const int64_t* chunks, int64_t n_chunk
   if (n_chunks > 0x7FFFFFFF) throw std::invalid_argument("hiso CUDA: too many chunks for one launch");
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   switch (dtype) {
-    case 0:
+    case kFloat32:
       launch_storage<StoreF32>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
       break;
-    case 1:
+    case kBFloat16:
       launch_storage<StoreBF16>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
       break;
-    case 2:
+    case kFloat16:
       launch_storage<StoreF16>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
       break;
     default:
@@ -268,6 +268,31 @@ int device_count() {
     return 0;
   }
   return n;
+}
+
+std::string probe_device(int device, int* binary_version) {
+  *binary_version = 0;
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cudaGetErrorString(err);  // no driver, or a driver too old for this runtime
+  }
+  if (device < 0 || device >= count) return "no such device";
+  int previous = 0;
+  if ((err = cudaGetDevice(&previous)) != cudaSuccess || (err = cudaSetDevice(device)) != cudaSuccess) {
+    cudaGetLastError();
+    return cudaGetErrorString(err);
+  }
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, zo_program_kernel<StoreBF16, true, kRuleGsq, kGaussian>);
+  cudaSetDevice(previous);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // e.g. "no kernel image is available for execution on the device"
+    return cudaGetErrorString(err);
+  }
+  *binary_version = attr.binaryVersion;
+  return "";
 }
 
 std::string runtime_version() {

@@ -30,6 +30,10 @@ void launch_directions_sum(uint64_t seed, int n_dirs, int64_t start, int64_t n, 
                            void* stream);
 
 int device_count();
+
+// "" if the kernels can run on `device` (its architecture is in this build and the driver can load it), else the
+// CUDA error. Sets *binary_version (e.g. 90) on success. Launches nothing.
+std::string probe_device(int device, int* binary_version);
 std::string runtime_version();
 
 }  // namespace cuda

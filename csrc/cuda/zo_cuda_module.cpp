@@ -5,12 +5,18 @@
 // the process, so the stream torch hands out is valid here.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "zo_cuda.h"
 
 namespace py = pybind11;
 using namespace hiso::cuda;
+
+#ifndef HISO_CUDA_ARCHS
+#define HISO_CUDA_ARCHS "unknown"  // setup.py defines the compiled architectures, e.g. "80;90"
+#endif
 
 namespace {
 
@@ -19,9 +25,15 @@ T* as_ptr(int64_t address) {
   return reinterpret_cast<T*>(static_cast<intptr_t>(address));
 }
 
-void run(int64_t slots, int64_t chunks, int64_t n_chunks, int dtype, bool has_h, int rule, int distribution,
-         int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h, int64_t round_start, int64_t round_wd,
-         int64_t round_rseed, int64_t n_rounds, double beta, double one_minus_beta, double h_min, int64_t stream) {
+// Called from Python with keyword arguments only (the names below; see backends/base.py: native_program_args).
+void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h, int rule,
+         int distribution, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h, int64_t round_start,
+         int64_t round_wd, int64_t round_rseed, int64_t n_rounds, double beta, double one_minus_beta, double h_min,
+         int64_t stream) {
+  if (groups_per_chunk != kGroupsPerChunk) throw std::invalid_argument("groups_per_chunk must be GROUPS_PER_CHUNK");
+  if (rule < hiso::kRuleNone || rule > hiso::kRuleStein) throw std::invalid_argument("unknown curvature rule code");
+  if (distribution < hiso::kGaussian || distribution > hiso::kRademacher)
+    throw std::invalid_argument("unknown distribution code");
   hiso::Program prog;
   prog.seeds = as_ptr<const int64_t>(seeds);
   prog.dirs = as_ptr<const int64_t>(dirs);
@@ -43,7 +55,22 @@ void run(int64_t slots, int64_t chunks, int64_t n_chunks, int dtype, bool has_h,
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "hiso CUDA kernels; internal: use hiso_kernels' public functions.";
   m.attr("GROUPS_PER_CHUNK") = kGroupsPerChunk;
-  m.def("run", &run, "Apply a zeroth-order program to the tensors of one dtype (device addresses).");
+  m.attr("ARCHS") = HISO_CUDA_ARCHS;
+  m.def("run", &run, "Apply a zeroth-order program to the tensors of one dtype (device addresses).", py::kw_only(),
+        py::arg("slots"), py::arg("chunks"), py::arg("n_chunks"), py::arg("groups_per_chunk"), py::arg("dtype"),
+        py::arg("has_h"), py::arg("rule"), py::arg("distribution"), py::arg("seeds"), py::arg("dirs"),
+        py::arg("coef_x"), py::arg("coef_h"), py::arg("round_start"), py::arg("round_wd"), py::arg("round_rseed"),
+        py::arg("n_rounds"), py::arg("beta"), py::arg("one_minus_beta"), py::arg("h_min"), py::arg("stream"));
+  m.def(
+      "probe",
+      [](int device) {
+        int binary_version = 0;
+        const std::string why = probe_device(device, &binary_version);
+        return std::make_tuple(why, binary_version);
+      },
+      py::arg("device"),
+      "('', binary version) if this build can run on the device, else (the CUDA error, 0). Loads the kernels, "
+      "launches nothing.");
   m.def(
       "fill_directions",
       [](uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, int64_t out, int64_t stream) {

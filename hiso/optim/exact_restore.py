@@ -14,9 +14,11 @@ writes those values back. Transient memory: two chunks; persistent: the mismatch
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+
+from .layout import Run, split_runs
 
 #: elements per chunk (1 Mi: 4 MiB scratch per buffer in fp32)
 DEFAULT_CHUNK = 1 << 20
@@ -49,17 +51,18 @@ class UndoLog:
             params[i].detach().view(-1).index_copy_(0, idx.long() + start, values)
 
 
-def _chunk_groups(params: Sequence[torch.Tensor], chunk: int):
-    """Split the parameters' global index range into runs of about ``chunk`` elements: (param, start, stop) pieces,
-    consecutive in global index, so that one kernel call covers many small tensors or a slice of a large one."""
+def _chunk_groups(params: Sequence[torch.Tensor], chunk: int, start: int = 0, stop: int | None = None):
+    """Split the global index range of ``params[start:stop]`` (one run: consecutive global ranges, one device) into
+    pieces of about ``chunk`` elements: (param, start, stop) slices, consecutive in global index, so that one kernel
+    call covers many small tensors or a slice of a large one."""
     group, size = [], 0
-    for i, p in enumerate(params):
-        n, start = p.numel(), 0
-        while start < n:
-            take = min(n - start, chunk - size)
-            group.append((i, start, start + take))
+    for i in range(start, len(params) if stop is None else stop):
+        n, begin = params[i].numel(), 0
+        while begin < n:
+            take = min(n - begin, chunk - size)
+            group.append((i, begin, begin + take))
             size += take
-            start += take
+            begin += take
             if size >= chunk:
                 yield group
                 group, size = [], 0
@@ -74,18 +77,22 @@ def perturb_with_undo(
     forward: ChunkOp,
     restore_sequence: Sequence[ChunkOp],
     chunk: int = DEFAULT_CHUNK,
+    runs: Sequence[Run] | None = None,
 ) -> UndoLog:
     """Apply ``forward`` to every parameter and record what ``restore_sequence`` would fail to bring back.
 
     ``forward`` and each restore op are called on lists of contiguous flat views that are consecutive in global
     index, with the global offset of the first; the kernels treat them exactly like the whole tensors (directions
-    depend only on the global index).
+    depend only on the global index). ``runs`` (default: :func:`~hiso.optim.layout.split_runs` by device and
+    contiguity of ``offsets``) keeps every call on one device and one consecutive global range.
     """
     log = UndoLog()
     flats = [p.detach().view(-1) for p in params]
     h_flats = None if hessian is None else [h.view(-1) for h in hessian]
     with torch.no_grad():
-        for group in _chunk_groups(params, chunk):
+        pieces = (g for r in (split_runs(params, offsets) if runs is None else runs)
+                  for g in _chunk_groups(params, chunk, r.start, r.stop))
+        for group in pieces:
             views = [flats[i][a:b] for i, a, b in group]
             h_views = None if h_flats is None else [h_flats[i][a:b] for i, a, b in group]
             offset = offsets[group[0][0]] + group[0][1]

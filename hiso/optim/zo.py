@@ -1,11 +1,14 @@
 """Zeroth-order optimizers on the fused kernels: ZO-SGD (MeZO, DeComFL) and HiSo.
 
-One step with seed s and P directions (design section 1):
+One step with seed s and P directions (MeZO, arXiv 2305.17333; DeComFL, arXiv 2405.15861; HiSo, arXiv 2506.02370):
 
     c_p = (f(x + mu z_p) - f(x - mu z_p)) / (2 mu)        central difference (MeZO's default), or
     c_p = (f(x + mu z_p) - f(x)) / mu                      forward difference (DeComFL's)
     x  <- x - lr (1/P) sum_p c_p z_p - lr wd x              z_p = u(s, p) / sqrt(H)   (H = 1 for ZO-SGD)
     H  <- max(beta H + (1 - beta) v, h_min)                 HiSo only, with the H of before the step in z_p
+
+The scalars come from :func:`hiso.optim.estimate.estimate_scalars`, the update's coefficients from
+:func:`hiso.optim.update.step_round` (the single source shared with the federated layer).
 
 Every perturbation, restore and update is one fused pass over the trainable parameters; directions are never stored.
 A step is fully described by its :class:`ZOStep` record (seed and scalars), so :meth:`ZOOptimizer.replay` brings a
@@ -14,37 +17,66 @@ replica with the same initial parameters to the same bits in one pass for any nu
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
-from typing import Callable, Iterable, Sequence
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 import hiso_kernels as hk
 from hiso_kernels import spec
 
-from .exact_restore import DEFAULT_CHUNK, UndoLog, perturb_with_undo
+from . import history as hist
+from .distributed import (
+    AUTO,
+    LossExchange,
+    check_agreement,
+    check_not_gathered,
+    fsdp_modules_of,
+    resolve_group,
+    weights_digest,
+)
+from .estimate import Closure, estimate_scalars
+from .exact_restore import DEFAULT_CHUNK
+from .history import ZOStep
+from .layout import DeviceKey, ParamLayout, build_layout, device_of, is_dtensor
+from .update import check_curvature_rule, needs_second_differences, step_round
 
-Closure = Callable[[], "torch.Tensor | float"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ZOStep:
-    """Everything needed to apply (or replay) one step: the seed, the P directional scalars c_p, the curvature
-    scalars (second differences for the "stein" rule, else None), and each parameter group's lr and weight decay."""
-
-    seed: int
-    scalars: tuple[float, ...]
-    curvature_scalars: tuple[float, ...] | None
-    lrs: tuple[float, ...]
-    weight_decays: tuple[float, ...]
+__all__ = ["ZOSGD", "HiSo", "ZOOptimizer", "ZOStep"]
 
 
 class ZOOptimizer(torch.optim.Optimizer):
-    """Base class: the perturb / evaluate / restore cycle and the bookkeeping; subclasses choose the update."""
+    """Base class: the perturb / evaluate / restore cycle and the bookkeeping; subclasses choose the update.
+
+    ``process_group`` ("auto": the default group when ``torch.distributed`` is initialised with several ranks;
+    None: the default group; False: no communication; or a ``ProcessGroup``) makes a step data parallel: the
+    ranks exchange their losses and apply the same update (:mod:`hiso.optim.distributed`). Parameters may be
+    DTensors sharded by FSDP2 and may lie on several devices (:mod:`hiso.optim.layout`).
+    """
 
     uses_hessian = False
+    mu: float
+    num_directions: int
+    difference: str
+    distribution: str
+    stochastic_rounding: bool
+    base_seed: int
+    steps_taken: int
+    exact_restore: bool | None
+    restore_chunk: int
+    record_history: bool
+    backend: str | None
+    allow_noop_step: bool
+    process_group: Any
+    last_undo_elements: int
+    last_exchange_bytes: int
+    last_exchange_seconds: float
+    _checked_group: Any
+    _fsdp_modules: list[Any] | None
+    _checked_fsdp: bool
 
     def __init__(
         self,
@@ -62,6 +94,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         restore_chunk: int = DEFAULT_CHUNK,
         record_history: bool = True,
         backend: str | None = None,
+        process_group=AUTO,
     ):
         _check_real("lr", lr, minimum=0.0)
         _check_real("weight_decay", weight_decay, minimum=0.0)
@@ -76,6 +109,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         if not isinstance(restore_chunk, numbers.Integral) or restore_chunk < 1:
             raise ValueError("restore_chunk must be a positive integer")
+        if not (process_group is None or process_group is False or process_group == AUTO
+                or (torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup))):
+            raise TypeError(f"process_group must be 'auto', None, False or a ProcessGroup, got {process_group!r}")
         self.mu = float(mu)
         self.num_directions = int(num_directions)
         self.difference = difference
@@ -87,40 +123,35 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.restore_chunk = int(restore_chunk)
         self.record_history = record_history
         self.backend = backend
+        self.process_group = process_group
         self.history: list[ZOStep] = []
         self.last_undo_elements = 0  # elements the last step's exact restore had to write back
+        self.last_exchange_bytes = 0  # bytes this rank sent in the last step's loss exchange (0: one process)
+        self.last_exchange_seconds = 0.0  # and the wall time of that exchange
+        # how parameters are grouped into kernel launches (one per device); replaceable, e.g. by tests
+        self.device_of: DeviceKey = device_of
+        self._checked_group = None  # the process group whose ranks were checked to agree (once)
+        self._fsdp_modules = None
+        self._checked_fsdp = False  # checked once that no parameter is an FSDP2 gathered copy
         # Trainers that call step() without a closure after having stepped through their own hook (the Hugging
         # Face integration) set this; otherwise a closure-less step is an error.
         self.allow_noop_step = False
 
     # ------------------------------------------------------------------ layout
-    def _layout(self):
-        """Trainable parameters in global order (group by group), each group's slice, global offset and H."""
-        params, groups = [], []
-        offset = 0
-        for g in self.param_groups:
-            ps = [p for p in g["params"] if p.requires_grad]
-            groups.append((len(params), len(params) + len(ps), offset))
-            params += ps
-            offset += sum(p.numel() for p in ps)
-        if not params:
-            raise ValueError("the optimizer has no trainable parameters (requires_grad=True)")
-        device = params[0].device
-        if any(p.device != device for p in params):
-            raise ValueError("all trainable parameters must be on one device")
-        hessian = [self._hessian(p) for p in params] if self.uses_hessian else None
-        offsets = []
-        pos = 0
-        for p in params:
-            offsets.append(pos)
-            pos += p.numel()
-        return params, hessian, offsets, groups
+    def _layout(self) -> ParamLayout:
+        """Trainable parameters in global order (group by group): local tensors, global offsets, kernel runs."""
+        return build_layout(self.param_groups, self.device_of)
 
-    def _hessian(self, p: torch.Tensor) -> torch.Tensor:
-        state = self.state[p]
-        if "hessian" not in state:
-            state["hessian"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
-        return state["hessian"]
+    def _hessians(self, layout: ParamLayout) -> list[torch.Tensor] | None:
+        if not self.uses_hessian:
+            return None
+        out = []
+        for src, local in zip(layout.sources, layout.params):
+            state = self.state[src]
+            if "hessian" not in state:
+                state["hessian"] = torch.ones(local.shape, dtype=torch.float32, device=local.device)
+            out.append(state["hessian"])
+        return out
 
     def _use_exact_restore(self, params) -> bool:
         if self.exact_restore is None:
@@ -131,29 +162,51 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The seed the next step draws when none is given (derived from the base seed and the step count)."""
         return spec.derive_seed(self.base_seed, self.steps_taken)
 
+    def hyper(self) -> dict:
+        """The settings that define the update (a checkpoint or history must have been made with the same)."""
+        return dict(mu=self.mu, num_directions=self.num_directions, difference=self.difference,
+                    distribution=self.distribution, stochastic_rounding=self.stochastic_rounding,
+                    curvature_rule=self.curvature_rule)
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Closure | None = None, *, seed: int | None = None):  # noqa: D401
-        """One ZO step. ``closure()`` must return the loss (a finite scalar) and must not call backward.
-        Returns the loss at x (forward difference) or the mean of the two perturbed losses (central)."""
+    def step(self, closure: Closure | None = None, *, seed: int | None = None):
+        """One ZO step. ``closure()`` must return the loss (a finite scalar, or a list of micro-batch losses whose
+        mean is the step's loss) and must not call backward. Returns the loss at x (forward difference) or the mean
+        of the two perturbed losses (central), combined over the ranks when data parallel."""
         if closure is None:
             if self.allow_noop_step:
                 return None
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
-        params, hessian, offsets, groups = self._layout()
         if seed is None:
             seed = self.next_seed()
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= spec.SEED_MAX:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        scalars, curvature, loss = self._estimate(closure, params, hessian, int(seed))
+        layout = self._layout()
+        hessian = self._hessians(layout)
+        group = resolve_group(self.process_group)
+        if not self._checked_fsdp:
+            check_not_gathered(layout.sources)
+            self._checked_fsdp = True
+        if layout.sharded:
+            closure = self._resharding(closure, layout)
+        exchange = None
+        if group is not None:
+            if self._checked_group is not group:
+                self._check_ranks(group, layout, hessian, int(seed))
+                self._checked_group = group
+            exchange = LossExchange(group, int(seed), self.steps_taken)
+        scalars, second, loss = self._estimate(closure, layout, hessian, int(seed), exchange)
+        self.last_exchange_bytes = 0 if exchange is None else exchange.bytes_sent
+        self.last_exchange_seconds = 0.0 if exchange is None else exchange.seconds
         record = ZOStep(
             seed=int(seed),
             scalars=tuple(scalars),
-            curvature_scalars=None if curvature is None else tuple(curvature),
+            second_differences=None if second is None else tuple(second),
             lrs=tuple(float(g["lr"]) for g in self.param_groups),
             weight_decays=tuple(float(g["weight_decay"]) for g in self.param_groups),
         )
-        self._apply([record], params, hessian, groups)
+        self._apply([record], layout, hessian)
         if self.record_history:
             self.history.append(record)
         self.steps_taken += 1
@@ -162,38 +215,80 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _needs_f0(self) -> bool:
         return self.difference == "forward"
 
-    def _estimate(self, closure, params, hessian, seed):
+    def _estimate(self, closure, layout: ParamLayout, hessian, seed, exchange):
         est = estimate_scalars(
-            closure, params, hessian, seed, mu=self.mu, num_directions=self.num_directions,
+            closure, layout.params, hessian, seed, mu=self.mu, num_directions=self.num_directions,
             difference=self.difference, with_f0=self._needs_f0(), distribution=self.distribution,
             stochastic_rounding=self.stochastic_rounding, backend=self.backend,
-            exact_restore=self._use_exact_restore(params), restore_chunk=self.restore_chunk,
+            exact_restore=self._use_exact_restore(layout.params), restore_chunk=self.restore_chunk,
+            offsets=layout.offsets, runs=layout.all_runs(), exchange=exchange,
         )
         self.last_undo_elements = est.undo_elements
-        return est.scalars, est.curvature, est.loss
+        return est.scalars, est.second_differences, est.loss
+
+    # ------------------------------------------------------------------ processes and shards
+    def _check_ranks(self, group, layout: ParamLayout, hessian, seed: int) -> None:
+        """Once per process group: every rank has the same settings, layout, seed stream and replicated weights."""
+        replicated = [p for src, p in zip(layout.sources, layout.params) if not is_dtensor(src)]
+        replicated += [h for src, h in zip(layout.sources, hessian or []) if not is_dtensor(src)]
+        check_agreement(group, {
+            "hyper-parameters": (type(self).__name__, sorted(self.hyper().items()),
+                                 [(g["lr"], g["weight_decay"]) for g in self.param_groups]),
+            "parameter layout": (layout.shapes, [[str(p.dtype) for p in g["params"] if p.requires_grad]
+                                                 for g in self.param_groups]),
+            "seed stream": (self.base_seed, self.steps_taken, seed),
+            "initial weights": weights_digest(replicated),
+        })
+
+    def set_fsdp_modules(self, modules: Iterable[torch.nn.Module]) -> None:
+        """The FSDP2 modules to reshard after every evaluation of the closure (found automatically otherwise)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        self._fsdp_modules = [m for m in modules if isinstance(m, FSDPModule)]
+
+    def _resharding(self, closure, layout: ParamLayout):
+        """Wrap the closure so that every FSDP2 module owning these shards gives up its gathered parameters after
+        the forward: the root module keeps them by default, and the next forward would not see the shards' next
+        perturbation. Also reshard now, in case a forward ran since the last step (an evaluation)."""
+        if self._fsdp_modules is None:
+            self._fsdp_modules = fsdp_modules_of(layout.sources)
+        modules = self._fsdp_modules
+        for m in modules:
+            m.reshard()
+
+        def wrapped():
+            try:
+                return closure()
+            finally:
+                for m in modules:
+                    m.reshard()
+        return wrapped
 
     # ------------------------------------------------------------------ the update
-    def _coefficients(self, record: ZOStep, group: int) -> tuple[list[float], list[float] | None, float]:
-        """(x coefficients a_p, curvature coefficients b_p or None, weight-decay factor) of a record for a group.
-        The single source of these numbers for both the step and the replay."""
-        n = len(record.scalars)
-        lr = record.lrs[group]
-        a = [lr * c / n for c in record.scalars]
-        return a, None, lr * record.weight_decays[group]
+    #: the kernel's curvature rule of this optimizer's update ("none": no H update)
+    curvature_rule = "none"
 
-    def _apply(self, records: Sequence[ZOStep], params, hessian, groups) -> None:
-        for gi, (lo, hi, offset) in enumerate(groups):
-            if lo == hi:
+    def _round(self, record: ZOStep, group: int) -> hk.Round:
+        """The kernel round of a record for one parameter group (:func:`~hiso.optim.update.step_round`)."""
+        second = None if record.second_differences is None else [record.second_differences]
+        return step_round([record.seed], [record.scalars], lr=record.lrs[group],
+                          weight_decay=record.weight_decays[group], curvature_rule=self.curvature_rule,
+                          second_differences=second)
+
+    def _apply(self, records: Sequence[ZOStep], layout: ParamLayout, hessian) -> None:
+        """Apply the records' rounds group by group, one kernel call per run (device and consecutive range)."""
+        for gi, runs in enumerate(layout.runs):
+            if not runs:
                 continue
-            rounds = []
-            for rec in records:
-                a, b, wd = self._coefficients(rec, gi)
-                rounds.append(hk.Round([rec.seed] * len(a), range(len(a)), a, b, weight_decay=wd))
-            self._replay_group(params[lo:hi], None if hessian is None else hessian[lo:hi], rounds, offset)
+            rounds = [self._round(rec, gi) for rec in records]
+            for r in runs:
+                hk.replay_(layout.params[r.start:r.stop], rounds,
+                           hessian=None if hessian is None else hessian[r.start:r.stop], offset=r.offset,
+                           **self._kernel_kwargs())
 
-    def _replay_group(self, params, hessian, rounds, offset) -> None:
-        hk.replay_(params, rounds, hessian=hessian, curvature_rule="none", offset=offset, distribution=self.distribution,
-                   stochastic_rounding=self.stochastic_rounding, backend=self.backend, check_hessian=False)
+    def _kernel_kwargs(self) -> dict:
+        return dict(curvature_rule=self.curvature_rule, distribution=self.distribution,
+                    stochastic_rounding=self.stochastic_rounding, backend=self.backend, check_hessian=False)
 
     @torch.no_grad()
     def replay(self, history: Sequence[ZOStep]) -> None:
@@ -206,28 +301,85 @@ class ZOOptimizer(torch.optim.Optimizer):
             if not isinstance(rec, ZOStep):
                 raise TypeError(f"history entries must be ZOStep records, got {type(rec).__name__}")
             if len(rec.lrs) != len(self.param_groups):
-                raise ValueError(f"a record has {len(rec.lrs)} parameter groups, this optimizer {len(self.param_groups)}")
-        params, hessian, _, groups = self._layout()
-        self._apply(history, params, hessian, groups)
+                raise ValueError(f"a record has {len(rec.lrs)} parameter groups, "
+                                 f"this optimizer {len(self.param_groups)}")
+        layout = self._layout()
+        self._apply(history, layout, self._hessians(layout))
         if self.record_history:
             self.history.extend(history)
         self.steps_taken += len(history)
 
     # ------------------------------------------------------------------ state
+    @property
+    def history_start(self) -> int:
+        """The number of steps taken before the first one in :attr:`history` (0 when the history is complete)."""
+        return self.steps_taken - len(self.history)
+
+    def _meta(self) -> dict:
+        layout = self._layout()
+        return dict(method=type(self).__name__, hyper=self.hyper(), numel=layout.numel,
+                    num_tensors=len(layout.shapes), history_start=self.history_start)
+
     def state_dict(self):
+        """torch's state (per-parameter H for HiSo, parameter groups) plus ``"zo"``: the format version, the method
+        and hyper-parameters, the seed stream, and the step history in the column encoding of
+        :mod:`hiso.optim.history` (tensors, so the checkpoint loads with ``torch.load(weights_only=True)``)."""
         sd = super().state_dict()
-        sd["zo"] = dict(base_seed=self.base_seed, steps_taken=self.steps_taken, mu=self.mu,
-                        num_directions=self.num_directions, difference=self.difference,
-                        distribution=self.distribution)
+        sd["zo"] = dict(version=hist.VERSION, base_seed=self.base_seed, steps_taken=self.steps_taken,
+                        history=hist.encode(self.history), **self._meta())
         return sd
 
     def load_state_dict(self, state_dict):
+        """Resume from :meth:`state_dict`. Raises ValueError, changing nothing, if the checkpoint was made by another
+        method, with other hyper-parameters (mu, P, difference, distribution, curvature rule, ...) or for another
+        number of trainable elements. Checkpoints of hiso 0.1 (no history) load with a warning."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
+        if not isinstance(zo, dict):
+            raise ValueError("not the state of a hiso ZO optimizer (no 'zo' entry)")
+        version = int(zo.get("version", 1))
+        if version > hist.VERSION:
+            raise ValueError(f"the checkpoint has optimizer state version {version}; this hiso reads up to "
+                             f"{hist.VERSION}")
+        mine = self._meta()
+        if zo.get("method", mine["method"]) != mine["method"]:
+            raise ValueError(f"the checkpoint is a {zo['method']} optimizer's, this is a {mine['method']}")
+        hist.check_compatible(mine["hyper"], zo.get("hyper", zo), "the checkpoint")
+        for key in ("numel", "num_tensors"):
+            if key in zo and int(zo[key]) != mine[key]:
+                raise ValueError(f"the checkpoint has {zo[key]} trainable {'elements' if key == 'numel' else 'tensors'}"
+                                 f", this optimizer {mine[key]}")
+        records = hist.decode(zo["history"]) if "history" in zo else []
+        if len(records) > int(zo["steps_taken"]):
+            raise ValueError("the checkpoint's history is longer than its step count")
+        hessians = hist.take_hessians(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
-        if zo is not None:
-            self.base_seed = int(zo["base_seed"])
-            self.steps_taken = int(zo["steps_taken"])
+        for p, h in hessians:
+            self.state[p]["hessian"] = h
+        if version < 2:
+            warnings.warn("this optimizer checkpoint predates hiso 0.2 and has no step history: replay(history) "
+                          "will cover only the steps taken after the resume", stacklevel=2)
+        self.base_seed = int(zo["base_seed"])
+        self.steps_taken = int(zo["steps_taken"])
+        self.history = records if self.record_history else []
+
+    def save_history(self, path: str | os.PathLike) -> None:
+        """Write :attr:`history` with the method and hyper-parameters: JSON for a ``.json`` path, else
+        ``torch.save`` (``torch.load(path, weights_only=True)`` reads it). See :mod:`hiso.optim.history`."""
+        hist.save(path, self.history, self._meta())
+
+    def load_history(self, path: str | os.PathLike) -> list[ZOStep]:
+        """Read a history file (either format) written for an optimizer like this one, for :meth:`replay`.
+        Raises ValueError if it was made by another method or with other hyper-parameters."""
+        records, meta = hist.read(path)
+        mine = self._meta()
+        if meta.get("method") != mine["method"]:
+            raise ValueError(f"{os.fspath(path)} holds a {meta.get('method')} history, this is a {mine['method']}")
+        hist.check_compatible(mine["hyper"], meta.get("hyper", {}), os.fspath(path))
+        if "numel" in meta and int(meta["numel"]) != mine["numel"]:
+            raise ValueError(f"{os.fspath(path)} was written for {meta['numel']} trainable elements, this optimizer "
+                             f"has {mine['numel']}")
+        return records
 
 
 class ZOSGD(ZOOptimizer):
@@ -242,161 +394,48 @@ class ZOSGD(ZOOptimizer):
 
 
 class HiSo(ZOOptimizer):
-    """HiSo (Li et al., ICLR 2026): directions scaled by a diagonal curvature estimate H, z_p = u_p / sqrt(H).
+    """HiSo (Li et al., arXiv 2506.02370): directions scaled by a diagonal curvature estimate H, z_p = u_p / sqrt(H).
 
-    ``curvature="gsq"`` is the authors' rule, H <- beta H + (1 - beta) g_hat^2 with g_hat = (1/P) sum_p c_p z_p;
-    ``curvature="stein"`` uses second differences (one more loss per step), H <- beta H + (1 - beta) H (1/P)
+    ``curvature_rule="gsq"`` is the authors' rule, H <- beta H + (1 - beta) g_hat^2 with g_hat = (1/P) sum_p c_p z_p;
+    ``curvature_rule="stein"`` uses second differences (one more loss per step), H <- beta H + (1 - beta) H (1/P)
     sum_p Delta_p (u_p^2 - 1), an unbiased estimate of diag(A) on a quadratic. H is floored at ``h_min``.
+    ``curvature=`` is the deprecated name of ``curvature_rule=``.
     """
 
     uses_hessian = True
 
     def __init__(self, params, lr: float = 1e-6, *, beta: float = 0.95, h_min: float = 1e-8,
-                 curvature: str = "gsq", **kwargs):
+                 curvature_rule: str = "gsq", curvature: str | None = None, **kwargs):
+        if curvature is not None:
+            warnings.warn("HiSo(curvature=) is deprecated; use curvature_rule=", DeprecationWarning, stacklevel=2)
+            curvature_rule = curvature
         _check_real("beta", beta, minimum=0.0)
         if beta > 1:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         _check_real("h_min", h_min, minimum=0.0, strict=True)
-        if curvature not in ("gsq", "stein"):
-            raise ValueError(f"curvature must be 'gsq' or 'stein', got {curvature!r}")
-        if curvature == "stein" and kwargs.get("difference", "central") != "central":
-            raise ValueError("the 'stein' curvature rule needs central differences")
+        check_curvature_rule(curvature_rule, kwargs.get("difference", "central"))
         super().__init__(params, lr, **kwargs)
         self.beta = float(beta)
         self.h_min = float(h_min)
-        self.curvature = curvature
+        self.curvature_rule = curvature_rule
+
+    @property
+    def curvature(self) -> str:
+        """Deprecated name of :attr:`curvature_rule`."""
+        warnings.warn("HiSo.curvature is deprecated; use curvature_rule", DeprecationWarning, stacklevel=2)
+        return self.curvature_rule
 
     def _needs_f0(self) -> bool:
-        return self.difference == "forward" or self.curvature == "stein"
+        return self.difference == "forward" or needs_second_differences(self.curvature_rule)
 
-    def _coefficients(self, record, group):
-        a, _, wd = super()._coefficients(record, group)
-        n = len(record.scalars)
-        if self.curvature == "stein":
-            if record.curvature_scalars is None:
-                raise ValueError("a 'stein' step record needs curvature scalars")
-            b = [d / n for d in record.curvature_scalars]
-        else:
-            b = [c / n for c in record.scalars]
-        return a, b, wd
+    def _kernel_kwargs(self) -> dict:
+        return dict(super()._kernel_kwargs(), beta=self.beta, h_min=self.h_min)
 
-    def _replay_group(self, params, hessian, rounds, offset) -> None:
-        hk.replay_(params, rounds, hessian=hessian, curvature_rule=self.curvature, beta=self.beta, h_min=self.h_min,
-                   offset=offset, distribution=self.distribution, stochastic_rounding=self.stochastic_rounding,
-                   backend=self.backend, check_hessian=False)
-
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["zo"].update(beta=self.beta, h_min=self.h_min, curvature=self.curvature)
-        return sd
-
-
-@dataclasses.dataclass
-class Estimate:
-    """Directional scalars of one step: c_p, second differences (or None), the loss, undo-log size."""
-
-    scalars: list[float]
-    curvature: list[float] | None
-    loss: float
-    undo_elements: int
-
-
-def estimate_scalars(
-    closure: Closure,
-    params: Sequence[torch.Tensor],
-    hessian: Sequence[torch.Tensor] | None,
-    seed: int,
-    *,
-    mu: float,
-    num_directions: int,
-    difference: str = "central",
-    with_f0: bool = False,
-    distribution: str = "gaussian",
-    stochastic_rounding: bool = False,
-    backend: str | None = None,
-    exact_restore: bool = True,
-    restore_chunk: int = DEFAULT_CHUNK,
-) -> Estimate:
-    """Evaluate the losses around x for each direction z_p = u(seed, p) / sqrt(H) and bring x back.
-
-    The central chain is +mu, eval, (-mu, -mu), eval, +mu: the middle two perturbations run as two rounds of one
-    fused pass, so it costs three passes like MeZO's +mu, -2mu, +mu, but every perturbation is undone by its own
-    opposite. That matters: in fp32 the chain +mu, -2mu, +mu leaves about half of the elements one ulp off,
-    the paired chain a few percent (benchmarks/restore_drift.py). With exact restore those few are written back
-    from a sparse undo log, and the parameters return to their exact bits, also when the closure fails.
-    """
-    kw = dict(distribution=distribution, stochastic_rounding=stochastic_rounding, backend=backend,
-              check_hessian=False)
-    offsets = _offsets(params)
-
-    def shift(tensors, h, offset, p, alphas):
-        """Perturb by each alpha in turn (one fused pass: one round per alpha)."""
-        rounds = [hk.Round([seed], [p], [-a]) for a in alphas]
-        hk.replay_(tensors, rounds, hessian=h, curvature_rule="none", offset=offset, **kw)
-
-    def op(p, alphas):
-        return lambda views, h_views, offset: shift(views, h_views, offset, p, alphas)
-
-    central = difference == "central"
-    f0 = _evaluate(closure) if (with_f0 or not central) else None
-    scalars, curvature, losses = [], [], []
-    undo = 0
-    for p in range(num_directions):
-        # the passes after the first one, in order; each is a list of perturbation sizes fused into one pass
-        passes = [[-mu, -mu], [mu]] if central else [[-mu]]
-        log: UndoLog | None = None
-        if exact_restore:
-            log = perturb_with_undo(params, offsets, hessian, op(p, [mu]), [op(p, a) for a in passes], restore_chunk)
-            undo += log.numel
-        else:
-            shift(params, hessian, 0, p, [mu])
-        try:
-            f_plus = _evaluate(closure)
-            if central:
-                shift(params, hessian, 0, p, passes.pop(0))
-                f_minus = _evaluate(closure)
-        finally:
-            for alphas in passes:
-                shift(params, hessian, 0, p, alphas)
-            if log is not None:
-                log.apply(params)
-        if central:
-            scalars.append((f_plus - f_minus) / (2 * mu))
-            if f0 is not None:
-                curvature.append((f_plus + f_minus - 2 * f0) / (2 * mu * mu))
-            losses.append(0.5 * (f_plus + f_minus))
-        else:
-            scalars.append((f_plus - f0) / mu)
-            losses.append(f_plus)
-    loss = f0 if f0 is not None else sum(losses) / len(losses)
-    return Estimate(scalars, curvature if (central and f0 is not None) else None, loss, undo)
+    def hyper(self) -> dict:
+        return dict(super().hyper(), beta=self.beta, h_min=self.h_min)
 
 
 # ---------------------------------------------------------------------- helpers
-def _offsets(params) -> list[int]:
-    out, pos = [], 0
-    for p in params:
-        out.append(pos)
-        pos += p.numel()
-    return out
-
-
-def _evaluate(closure: Closure) -> float:
-    """Run the closure and return its loss as a Python float; reject non-scalar and non-finite losses."""
-    value = closure()
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(value.shape)}")
-        value = float(value.detach().reshape(()).item())
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = float(value)
-    else:
-        raise TypeError(f"the closure must return a scalar loss, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"the closure returned a non-finite loss ({value}); parameters were restored")
-    return value
-
-
 def _check_real(name, value, minimum=None, strict=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")

@@ -15,15 +15,19 @@ import torch
 from .base import Backend
 from .cpu import CpuBackend
 from .cuda import CudaBackend
-from .reference import TorchBackend
+from .reference import ReferenceBackend
 from .triton import TritonBackend
 
 ENV_BACKEND = "HISO_BACKEND"
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CpuBackend(), TritonBackend(), CudaBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend(), TritonBackend(), CudaBackend())}
+
+#: old names that still select a backend, with a one-time DeprecationWarning ("torch": the reference backend's name
+#: before it was renamed "reference", like its file and its class ReferenceBackend)
+DEPRECATED_NAMES = {"torch": "reference"}
 
 #: automatic preference per device type (the Triton interpreter is never chosen automatically: it is a test tool)
-AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 _warned: set[tuple[str, str]] = set()
 
@@ -32,6 +36,13 @@ def get_backend(name: str) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     key = name.strip().lower()
+    if key in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[key]
+        if ("deprecated", key) not in _warned:
+            _warned.add(("deprecated", key))
+            warnings.warn(f"hiso_kernels: backend name {key!r} is deprecated; use {new!r}", DeprecationWarning,
+                          stacklevel=5)
+        key = new
     if key not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
     return BACKENDS[key]
@@ -61,7 +72,7 @@ def select_backend(device: torch.device, requested: str | None = None) -> Backen
         if not backend.supports(device):
             raise ValueError(f"backend {backend.name!r} ({source}) cannot run on {device.type} tensors")
         return backend
-    order = AUTO_ORDER.get(device.type, ("torch",))
+    order = AUTO_ORDER.get(device.type, ("reference",))
     for i, name in enumerate(order):
         backend = BACKENDS[name]
         ok, why = backend.availability()
@@ -69,7 +80,7 @@ def select_backend(device: torch.device, requested: str | None = None) -> Backen
             if i > 0:
                 _warn_fallback(order[0], device, name)
             return backend
-    return BACKENDS["torch"]
+    return BACKENDS["reference"]
 
 
 def _warn_fallback(preferred: str, device: torch.device, chosen: str) -> None:
@@ -85,4 +96,13 @@ def _warn_fallback(preferred: str, device: torch.device, chosen: str) -> None:
     )
 
 
-__all__ = ["Backend", "BACKENDS", "ENV_BACKEND", "available_backends", "get_backend", "select_backend"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "DEPRECATED_NAMES",
+    "ENV_BACKEND",
+    "Backend",
+    "available_backends",
+    "get_backend",
+    "select_backend",
+]

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
+import os
 import threading
 
 import numpy as np
 import torch
 
+from .._codes import DTYPE_CODES
 from .._program import Program
 from ..spec import Distribution
 
-#: dtype codes understood by the C++ / CUDA / Triton kernels
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: set to 1 to wait for every GPU launch and raise its error at the call that made it (debugging; slow)
+ENV_SYNC_LAUNCHES = "HISO_SYNC_LAUNCHES"
 
 
 class Backend(abc.ABC):
@@ -62,7 +65,7 @@ class LaunchPlan:
     or up to the end of its tensor.
     """
 
-    __slots__ = ("slots", "chunks", "n_chunks", "groups_per_chunk", "dtype")
+    __slots__ = ("chunks", "dtype", "groups_per_chunk", "n_chunks", "slots")
 
     def __init__(self, params, hessian, offsets, groups_per_chunk: int):
         n = len(params)
@@ -108,9 +111,9 @@ class PlanCache:
                 self._data.move_to_end(key)
                 return plan
         plan = LaunchPlan(params, hessian, offsets, groups_per_chunk)
-        if device.type != "cpu":
-            plan.slots = plan.slots.to(device, non_blocking=True)
-            plan.chunks = plan.chunks.to(device, non_blocking=True)
+        if device.type != "cpu":  # from pinned memory: the copy is asynchronous (and made once per plan)
+            plan.slots = plan.slots.pin_memory().to(device, non_blocking=True)
+            plan.chunks = plan.chunks.pin_memory().to(device, non_blocking=True)
         with self._lock:
             self._data[key] = plan
             while len(self._data) > self._capacity:
@@ -120,14 +123,58 @@ class PlanCache:
 
 def group_by_dtype(params, hessian, offsets):
     """Split a validated tensor list into per-dtype lists (kernels are specialised on the storage dtype)."""
-    groups: dict[torch.dtype, tuple[list, list | None, list]] = {}
+    return {dtype: group for (dtype, _), group in group_for_launch(params, hessian, offsets).items()}
+
+
+def vector_aligned(x: torch.Tensor, h: torch.Tensor | None, offset: int) -> bool:
+    """Whole, aligned groups of four: global offset and size multiples of 4, x on a 4-element boundary in bytes and H
+    on 16 bytes. Such a tensor can move as one vector access per group (the Triton backend's ALIGNED variant)."""
+    return (offset % 4 == 0 and x.numel() % 4 == 0 and x.data_ptr() % (4 * x.element_size()) == 0
+            and (h is None or h.data_ptr() % 16 == 0))
+
+
+def group_for_launch(params, hessian, offsets, *, split_aligned: bool = False):
+    """Split a validated tensor list into one list per launch: by storage dtype, and by :func:`vector_aligned` when
+    ``split_aligned``. Returns {(dtype, aligned): (params, hessian or None, offsets)} in first-seen order."""
+    groups: dict[tuple, tuple[list, list | None, list]] = {}
     for i, x in enumerate(params):
-        p, h, o = groups.setdefault(x.dtype, ([], None if hessian is None else [], []))
+        h_i = None if hessian is None else hessian[i]
+        aligned = split_aligned and vector_aligned(x, h_i, offsets[i])
+        p, h, o = groups.setdefault((x.dtype, aligned), ([], None if hessian is None else [], []))
         p.append(x)
         if h is not None:
-            h.append(hessian[i])
+            h.append(h_i)
         o.append(offsets[i])
     return groups
+
+
+def native_program_args(plan: LaunchPlan, program: Program, has_h: bool) -> dict:
+    """Keyword arguments of ``_cpu.run`` / ``_cuda.run`` (both take keywords only) for one launch plan. ``program``
+    must be on the plan's device. The codes are the tables in ``_codes.py`` and ``spec.py``."""
+    return dict(
+        slots=plan.slots.data_ptr(), chunks=plan.chunks.data_ptr(), n_chunks=plan.n_chunks,
+        groups_per_chunk=plan.groups_per_chunk, dtype=int(DTYPE_CODES[plan.dtype]), has_h=has_h,
+        rule=int(program.rule), distribution=int(program.distribution), seeds=program.seeds.data_ptr(),
+        dirs=program.dirs.data_ptr(), coef_x=program.coef_x.data_ptr(), coef_h=program.coef_h.data_ptr(),
+        round_start=program.round_start.data_ptr(), round_wd=program.round_wd.data_ptr(),
+        round_rseed=program.round_rseed.data_ptr(), n_rounds=program.n_rounds, beta=program.beta,
+        one_minus_beta=program.one_minus_beta, h_min=program.h_min,
+    )
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch (a kernel goes to the current device, which may not be the tensors')."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_launch(device: torch.device, what: str) -> None:
+    """With ``HISO_SYNC_LAUNCHES=1``: wait for the launch just made and raise its error here, naming the kernel."""
+    if device.type != "cuda" or os.environ.get(ENV_SYNC_LAUNCHES, "0") in ("", "0"):
+        return
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError as exc:  # an asynchronous error of this (or an earlier) launch
+        raise RuntimeError(f"hiso_kernels: {what} on {device} failed: {exc}") from exc
 
 
 def load_native(name: str, hint: str):

@@ -6,7 +6,7 @@ import torch
 
 from .._program import Program
 from ..spec import Distribution
-from .base import DTYPE_CODES, Backend, PlanCache, group_by_dtype, load_native
+from .base import Backend, PlanCache, group_by_dtype, load_native, native_program_args
 
 _native, _IMPORT_ERROR = load_native("_cpu", "no C++ compiler at install time, or HISO_SKIP_NATIVE=1")
 
@@ -38,28 +38,7 @@ class CpuBackend(Backend):
         threads = torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
         for p, h, o in group_by_dtype(params, hessian, offsets).values():
             plan = self._plans.get(p, h, o, GROUPS_PER_CHUNK, torch.device("cpu"))
-            _native.run(
-                plan.slots.data_ptr(),
-                plan.chunks.data_ptr(),
-                plan.n_chunks,
-                plan.groups_per_chunk,
-                DTYPE_CODES[plan.dtype],
-                h is not None,
-                int(program.rule),
-                int(program.distribution),
-                threads,
-                program.seeds.data_ptr(),
-                program.dirs.data_ptr(),
-                program.coef_x.data_ptr(),
-                program.coef_h.data_ptr(),
-                program.round_start.data_ptr(),
-                program.round_wd.data_ptr(),
-                program.round_rseed.data_ptr(),
-                program.n_rounds,
-                program.beta,
-                program.one_minus_beta,
-                program.h_min,
-            )
+            _native.run(**native_program_args(plan, program, h is not None), num_threads=threads)
 
     def directions(self, seed, direction, offset, numel, distribution: Distribution, device) -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32)

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._program import Program
 from ..spec import Distribution
-from .base import DTYPE_CODES, Backend, PlanCache, group_by_dtype, load_native
+from .base import Backend, PlanCache, check_launch, device_guard, group_by_dtype, load_native, native_program_args
 
-_native, _IMPORT_ERROR = load_native("_cuda", "built only where nvcc and a CUDA torch or driver were found at install time; HISO_BUILD_CUDA=1 forces it")
+_native, _IMPORT_ERROR = load_native(
+    "_cuda", "built only where nvcc and a CUDA torch or driver were found at install time; HISO_BUILD_CUDA=1 forces it"
+)
 
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.cache
+def _probe(index: int) -> str:
+    """'' if the build runs on device ``index``, else why not (loads the kernels once; launches nothing)."""
+    why, _ = _native.probe(index)
+    if not why:
+        return ""
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"device {index} ({torch.cuda.get_device_name(index)}, sm_{major}{minor}) cannot run this build "
+            f"(compiled for {_native.ARCHS}): {why}")
 
 
 class CudaBackend(Backend):
@@ -25,55 +40,47 @@ class CudaBackend(Backend):
     def availability(self):
         if _native is None:
             return False, _IMPORT_ERROR
+        if _native.device_count() == 0:
+            return False, ("built, but its CUDA runtime finds no device (no driver, or a driver older than the "
+                           f"CUDA {_native.runtime_version()} runtime it links)")
         if not torch.cuda.is_available():
             return False, "built, but torch sees no CUDA device"
-        return True, f"built, CUDA runtime {_native.runtime_version()}"
+        why = _probe(torch.cuda.current_device())
+        if why:
+            return False, f"built, but {why}"
+        return True, f"built for {_native.ARCHS}, CUDA runtime {_native.runtime_version()}"
 
     def supports(self, device: torch.device) -> bool:
-        return device.type == "cuda"
+        if device.type != "cuda":
+            return False
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return _probe(index) == ""
 
     def apply(self, params, hessian, offsets, program: Program) -> None:
         device = params[0].device
-        prog = program.to(device)
-        with torch.cuda.device(device):
+        with device_guard(device):
+            prog = program.to(device)
             stream = _stream(device)
             for p, h, o in group_by_dtype(params, hessian, offsets).values():
                 plan = self._plans.get(p, h, o, _native.GROUPS_PER_CHUNK, device)
-                _native.run(
-                    plan.slots.data_ptr(),
-                    plan.chunks.data_ptr(),
-                    plan.n_chunks,
-                    DTYPE_CODES[plan.dtype],
-                    h is not None,
-                    int(prog.rule),
-                    int(prog.distribution),
-                    prog.seeds.data_ptr(),
-                    prog.dirs.data_ptr(),
-                    prog.coef_x.data_ptr(),
-                    prog.coef_h.data_ptr(),
-                    prog.round_start.data_ptr(),
-                    prog.round_wd.data_ptr(),
-                    prog.round_rseed.data_ptr(),
-                    prog.n_rounds,
-                    prog.beta,
-                    prog.one_minus_beta,
-                    prog.h_min,
-                    stream,
-                )
+                _native.run(**native_program_args(plan, prog, h is not None), stream=stream)
+                check_launch(device, "cuda zo_program_kernel")
 
     def directions(self, seed, direction, offset, numel, distribution: Distribution, device) -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32, device=device)
         if numel:
-            with torch.cuda.device(out.device):
+            with device_guard(out.device):
                 _native.fill_directions(seed, direction, offset, numel, int(distribution), out.data_ptr(),
-                                      _stream(out.device))
+                                        _stream(out.device))
+                check_launch(out.device, "cuda directions_kernel")
         return out
 
     def directions_sum(self, seed, n_dirs, offset, numel, distribution: Distribution, device) -> torch.Tensor:
         """Generator-only benchmark kernel (per-block partial sums)."""
         blocks = -(-(((offset + numel + 3) >> 2) - (offset >> 2)) // _native.GROUPS_PER_CHUNK)
         partial = torch.empty(blocks, dtype=torch.float32, device=device)
-        with torch.cuda.device(partial.device):
+        with device_guard(partial.device):
             _native.directions_sum(seed, n_dirs, offset, numel, int(distribution), partial.data_ptr(),
-                                 _stream(partial.device))
+                                   _stream(partial.device))
+            check_launch(partial.device, "cuda directions_sum_kernel")
         return partial

@@ -1,4 +1,4 @@
-"""The ``torch`` backend: the specification written in plain PyTorch. It materialises every direction, so it is slow
+"""The ``reference`` backend: the specification written in plain PyTorch. It materialises every direction, so it is slow
 and memory-hungry by design; tests use it as the oracle that the fused backends must match bit for bit.
 
 It runs on any device torch supports. Every step is one elementwise fp32 operation (no fused multiply-add, no
@@ -187,12 +187,12 @@ def apply_tensor(x: torch.Tensor, h: torch.Tensor | None, offset: int, prog: Pro
         rbits = rounding_bits(rseed, offset, n, device) if rseed >= 0 and x.dtype != torch.float32 else None
         xv = round_to_storage(y, x.dtype, rbits)
     x.copy_(xv.view_as(x))
-    if h is not None and prog.rule != CurvatureRule.NONE:
+    if h is not None and hv is not None and prog.rule != CurvatureRule.NONE:
         h.copy_(hv.view_as(h))
 
 
-class TorchBackend(Backend):
-    name = "torch"
+class ReferenceBackend(Backend):
+    name = "reference"
     description = "PyTorch reference (materialises directions; the test oracle)"
 
     def availability(self):
@@ -213,3 +213,7 @@ class TorchBackend(Backend):
         """The generator-only benchmark quantity, materialising each direction."""
         return torch.stack([directions_tensor(seed, p, offset, numel, distribution, device).double().sum()
                             for p in range(n_dirs)]).sum().reshape(1)
+
+
+#: the class's former name (deprecated, like the registered name "torch", now an alias of "reference")
+TorchBackend = ReferenceBackend

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "hiso/codes.h"
+
 #if defined(__CUDACC__)
 #define HISO_HD __host__ __device__ __forceinline__
 #else
@@ -52,9 +54,6 @@ constexpr float kCosC3 = -0x1.6c16c2p-10f; // -1/6!
 constexpr float kCosC4 = 0x1.a01a02p-16f;  // 1/8!
 constexpr float kHalfPi = 0x1.921fb6p+0f;
 constexpr float kTwoPowM24 = 0x1.0p-24f;
-
-enum Distribution : int { kGaussian = 0, kRademacher = 1 };
-enum CurvatureRule : int { kRuleNone = 0, kRuleGsq = 1, kRuleStein = 2 };
 
 // ---------------------------------------------------------------- bit casts
 HISO_HD float bits_to_float(uint32_t b) {

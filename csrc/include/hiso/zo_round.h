@@ -8,7 +8,8 @@
 //   x     <- round(x - (acc_x / s + wd_r x))               to the storage dtype (nearest even or stochastic)
 //   H     <- max(beta H + (1 - beta) v, h_min),  v = (acc_h / s)^2 (GSQ) or H acc_h (STEIN)
 //
-// Sums run in term order starting from +0; every operation is a single fp32 IEEE operation.
+// Sums run in term order starting from +0; every operation is a single fp32 IEEE operation. The GSQ rule is HiSo's
+// (arXiv 2506.02370); the STEIN rule and the h_min floor are ours (docs/kernels.md, docs/decisions.md).
 #pragma once
 
 #include "hiso/directions.h"

@@ -1,0 +1,7 @@
+"""``python -m hiso``: the ``hiso`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
