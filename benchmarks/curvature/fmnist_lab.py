@@ -77,6 +77,9 @@ import hiso_kernels as hk  # noqa: E402
 from hiso_kernels import spec  # noqa: E402
 from hiso.fl.simulation import BatchStream, SimulationConfig, build  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import claim_stats  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "fmnist")
 TARGETS = (0.45, 0.50, 0.55)
@@ -376,13 +379,7 @@ def _spearman(a, b):
 
 # ------------------------------------------------------------------------------------------------ metrics
 def metrics(curve, rounds=300):
-    xs = [r["round"] for r in curve]
-    ys = [r["accuracy"] for r in curve]
-    auc = float(np.trapezoid(ys, xs) / rounds) if hasattr(np, "trapezoid") else float(np.trapz(ys, xs) / rounds)
-    reach = {}
-    for T in TARGETS:
-        reach[f"{T:.2f}"] = next((r["round"] for r in curve if r["accuracy"] >= T), None)
-    return dict(final=ys[-1], auc=auc, best=max(ys), rounds_to=reach)
+    return claim_stats.curve_metrics(curve, rounds, TARGETS)
 
 
 def path_for(method, difference, seed, lr, tag=""):
@@ -401,24 +398,13 @@ def load_runs(method, difference, tag=""):
     return res
 
 
-def key(vals):
-    """Sort key of a learning rate from its runs: (median rounds to T, -median AUC)."""
-    rt = [v["metrics"]["rounds_to"][f"{T_MAIN:.2f}"] for v in vals]
-    rt = [math.inf if x is None else x for x in rt]
-    return (statistics.median(rt), -statistics.median(v["metrics"]["auc"] for v in vals))
-
-
 def best_lr(runs, seeds):
-    by = {}
+    """(best lr, interior?, lrs) over the lrs run at every seed of ``seeds`` (claim_stats.best_lr)."""
+    by: dict = {}
     for (s, l), v in runs.items():
         if s in seeds:
-            by.setdefault(l, []).append(v)
-    by = {l: vs for l, vs in by.items() if len(vs) == len(seeds)}
-    if not by:
-        return None, None, []
-    lrs = sorted(by)
-    i = min(range(len(lrs)), key=lambda k: key(by[lrs[k]]))
-    return lrs[i], (0 < i < len(lrs) - 1), lrs
+            by.setdefault(l, []).append(v["metrics"])
+    return claim_stats.best_lr({l: vs for l, vs in by.items() if len(vs) == len(seeds)}, T_MAIN)
 
 
 def run_one(lab_cache, method, difference, seed, lr, args):
@@ -511,7 +497,7 @@ def main():
                     lr, interior, have = best_lr(runs, args.seeds)
                     if lr is None or interior or len(have) >= args.max_grid:
                         break
-                    new = float(f"{(lr * 2 if lr == max(have) else lr / 2):.6g}")
+                    new = claim_stats.next_lr(lr, have, 2.0)
                     print(f"{method} {difference}: best lr {lr:g} is on the edge of {have}; adding {new:g}", flush=True)
                     for seed in args.seeds:
                         run_one(None, method, difference, seed, new, args)

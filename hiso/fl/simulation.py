@@ -53,7 +53,8 @@ class SimulationConfig:
     num_eval: int | None = None
     seed: int = 0
     curvature_rule: str = "gsq"
-    beta: float = 0.95
+    beta: float | None = None  # None: the curvature rule's default (hiso.optim.curvature.DEFAULT_BETA)
+    h_init: str | None = None  # "ones" or "first-round" (None: the rule's default)
     h_min: float = 1e-8
     weight_decay: float = 0.0
     aggregation: str = robust.DEFAULT_AGGREGATION  # robust by default: survives one hostile reply per round
@@ -97,7 +98,8 @@ class SimulationConfig:
         return FLConfig(
             method=self.method, lr=self.lr, mu=self.mu, local_steps=self.local_steps,
             num_directions=self.num_directions, difference=self.difference, distribution=self.distribution,
-            curvature_rule=self.curvature_rule, beta=self.beta, h_min=self.h_min, weight_decay=self.weight_decay,
+            curvature_rule=self.curvature_rule, beta=self.beta, h_init=self.h_init, h_min=self.h_min,
+            weight_decay=self.weight_decay,
             backend=self.backend,
         )
 
