@@ -12,6 +12,7 @@ import warnings
 import hiso_kernels as hk
 
 from . import curvature as curv
+from . import history as hist
 from .layout import ParamLayout
 from .update import check_curvature_rule, needs_second_differences, step_round
 from .zo import ZOOptimizer, _check_real
@@ -112,9 +113,11 @@ class HiSo(ZOOptimizer):
     def load_state_dict(self, state_dict):
         """Resume (see :meth:`ZOOptimizer.load_state_dict`), with the curvature state; ValueError, changing nothing,
         if that state belongs to another rule or model."""
-        saved = (state_dict.get("zo") or {}).get("curvature_state") if isinstance(state_dict, dict) else None
+        zo = state_dict.get("zo") if isinstance(state_dict, dict) else None
+        saved = zo.get("curvature_state") if isinstance(zo, dict) else None
         fresh = None
         if saved is not None:
+            hist.check_compatible(self.hyper(), zo.get("hyper", zo), "the checkpoint")  # type: ignore[union-attr]
             fresh = copy.deepcopy(self.curvature_state())
             fresh.rounds, fresh.h = 0, list(fresh.h)
             fresh.load_dict(saved)  # raises before anything changes
