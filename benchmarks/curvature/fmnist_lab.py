@@ -62,7 +62,6 @@ import json
 import math
 import os
 import random
-import statistics
 import sys
 import time
 
@@ -74,8 +73,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import hiso_kernels as hk  # noqa: E402
-from hiso_kernels import spec  # noqa: E402
 from hiso.fl.simulation import BatchStream, SimulationConfig, build  # noqa: E402
+from hiso_kernels import spec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import claim_stats  # noqa: E402
@@ -99,7 +98,8 @@ class Lab:
         self.seed, self.rounds, self.P, self.mu = seed, rounds, P, mu
         setup = build(self.cfg)
         self.task, self.model, self.eval_batches = setup.task, setup.model, setup.eval_batches
-        self.streams = [BatchStream(self.task, ex, 32, seed * 1000 + i, "cpu") for i, ex in enumerate(setup.client_data)]
+        self.streams = [BatchStream(self.task, ex, 32, seed * 1000 + i, "cpu")
+                        for i, ex in enumerate(setup.client_data)]
         self.sampler = random.Random(seed)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -297,7 +297,7 @@ class Lab:
                         st["hb"][b] = v if old is None else 0.9 * old + 0.1 * v
                     st["hb"] = [None if h is None else max(h, 0.01 * st["hg"]) for h in st["hb"]]
 
-                    def hcur(b):
+                    def hcur(b, scalar=scalar):
                         if scalar or st["hb"][b] is None:
                             return st["hg"]
                         return st["hb"][b]
@@ -346,7 +346,7 @@ class Lab:
             g2 = torch.autograd.grad(loss, self.params, create_graph=True)
             gen = torch.Generator().manual_seed(5)
             curv = []
-            for i, (t, g) in enumerate(zip(self.params, g2)):
+            for t, g in zip(self.params, g2):
                 acc = 0.0
                 for _ in range(16):
                     v = (torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).float()
@@ -401,10 +401,10 @@ def load_runs(method, difference, tag=""):
 def best_lr(runs, seeds):
     """(best lr, interior?, lrs) over the lrs run at every seed of ``seeds`` (claim_stats.best_lr)."""
     by: dict = {}
-    for (s, l), v in runs.items():
+    for (s, lr_), v in runs.items():
         if s in seeds:
-            by.setdefault(l, []).append(v["metrics"])
-    return claim_stats.best_lr({l: vs for l, vs in by.items() if len(vs) == len(seeds)}, T_MAIN)
+            by.setdefault(lr_, []).append(v["metrics"])
+    return claim_stats.best_lr({lr_: vs for lr_, vs in by.items() if len(vs) == len(seeds)}, T_MAIN)
 
 
 def run_one(lab_cache, method, difference, seed, lr, args):
@@ -447,10 +447,7 @@ def summary(tag=""):
         vals = [runs[(s, lr)] for s in sset]
 
         def fmt(xs, digits=None):
-            xs2 = [math.inf if x is None else x for x in xs]
-            m = statistics.median(xs2)
-            f = (lambda v: "not" if math.isinf(v) else (f"{v:.3f}" if digits else f"{v:.0f}"))
-            return f"{f(m)} [{f(min(xs2))}-{f(max(xs2))}]" if len(xs2) > 1 else f(m)
+            return claim_stats.fmt_spread(xs, digits or 0)
 
         rt = {T: [v["metrics"]["rounds_to"][T] for v in vals] for T in ("0.50", "0.45", "0.55")}
         lines.append(f"| {method} | {difference} | {len(sset)} | {lr:.3g} | {'yes' if interior else 'NO'} | "
@@ -487,7 +484,7 @@ def main():
         for difference in args.difference:
             if method in CURV and difference != "central":
                 continue
-            lrs = [float(f"{l:.6g}") for l in args.lrs]
+            lrs = [float(f"{lr_:.6g}") for lr_ in args.lrs]
             for lr in lrs:
                 for seed in args.seeds:
                     run_one(None, method, difference, seed, lr, args)

@@ -17,7 +17,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fmnist_lab as lab  # noqa: E402
+import fmnist_lab as lab
 
 SEEDS = [0, 1, 2]
 PAIRS = [("bcd", "bcd-scalar"), ("bcd-adapt", "bcd-adapt-scalar"), ("gsq", "scalar"),
@@ -30,7 +30,8 @@ def inf(x):
 
 def fmt(xs, digits=0):
     xs = [inf(x) for x in xs]
-    f = (lambda v: ">300" if math.isinf(v) else (f"{v:.{digits}f}"))
+    def f(v):
+        return (">300" if math.isinf(v) else (f"{v:.{digits}f}"))
     m = statistics.median(xs)
     return f"{f(m)} [{f(min(xs))}-{f(max(xs))}]"
 
@@ -40,7 +41,7 @@ def reach(curve, target):
 
 
 def main():
-    rows, best = [], {}
+    _rows, best = [], {}
     folders = sorted(os.listdir(lab.OUT))
     for folder in folders:
         method, difference = folder.rsplit("-", 1)
@@ -61,15 +62,16 @@ def main():
         out.append(f"| {m} | {d} | {fw(m, d)} | {lr:.3g} | {'yes' if interior else 'NO'} | "
                    f"{', '.join(f'{x:.3g}' for x in lrs)} | "
                    + " | ".join(fmt([v["metrics"]["rounds_to"][T] for v in vals]) for T in ("0.45", "0.50", "0.55"))
-                   + f" | {fmt([v['metrics']['auc'] for v in vals], 3)} | {fmt([v['metrics']['final'] for v in vals], 3)} |")
+                   + f" | {fmt([v['metrics']['auc'] for v in vals], 3)}"
+                   + f" | {fmt([v['metrics']['final'] for v in vals], 3)} |")
     # the issue's measure, relative to DeComFL central at the lr with the best median final accuracy (fl_claim's rule)
     if ("decomfl", "central") in best:
         druns = best[("decomfl", "central")][4]
         by = {}
-        for (sd, l), v in druns.items():
-            by.setdefault(l, {})[sd] = v
-        lr_fin = max((l for l, m in by.items() if all(sd in m for sd in SEEDS)),
-                     key=lambda l: statistics.median(by[l][sd]["metrics"]["final"] for sd in SEEDS))
+        for (sd, lr_), v in druns.items():
+            by.setdefault(lr_, {})[sd] = v
+        lr_fin = max((lr_ for lr_, m in by.items() if all(sd in m for sd in SEEDS)),
+                     key=lambda lr_: statistics.median(by[lr_][sd]["metrics"]["final"] for sd in SEEDS))
         deco = [by[lr_fin][sd] for sd in SEEDS]
         targets = [v["metrics"]["final"] for v in deco]
         r_deco = [reach(v["curve"], t) for v, t in zip(deco, targets)]
@@ -78,12 +80,14 @@ def main():
                 "final accuracy per seed " + ", ".join(f"{t:.3f}" for t in targets)
                 + f"; rounds DeComFL needs to reach it: {r_deco}. Ratio = DeComFL's rounds / the rule's rounds "
                 "('-' = the rule never reaches it).", "",
-                "| rule | difference | lr | rounds per seed | ratio per seed | median ratio |", "|---|---|---|---|---|---|"]
+                "| rule | difference | lr | rounds per seed | ratio per seed | median ratio |",
+                "|---|---|---|---|---|---|"]
         for (m, d), (lr, _, _, vals, _) in best.items():
             rr = [reach(v["curve"], t) for v, t in zip(vals, targets)]
             ratios = [(a / b) if (a and b) else 0.0 for a, b in zip(r_deco, rr)]
             out.append(f"| {m} | {d} | {lr:.3g} | {rr} | "
-                       f"{', '.join('-' if x == 0 else f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.2f} |")
+                       f"{', '.join('-' if x == 0 else f'{x:.2f}' for x in ratios)} | "
+                       f"{statistics.median(ratios):.2f} |")
         # claim tests on rounds to 0.50
         out += ["", "## Claim tests (rounds to 0.50 at each rule's best lr; '>300' = not reached)", "",
                 "Halving: median(rule) <= 0.5 median(DeComFL); where DeComFL's median is not reached within 300 "
@@ -109,7 +113,8 @@ def main():
                 spread = max((max(xa) - min(xa)) if all(map(math.isfinite, xa)) else math.inf,
                              (max(xb) - min(xb)) if all(map(math.isfinite, xb)) else math.inf)
                 diff = (mb - ma) if lower else (ma - mb)
-                out.append(f"- {a} vs {b} ({dd}), {key}: {fmt(xa, 0 if T else 3)} vs {fmt(xb, 0 if T else 3)}; difference "
+                out.append(f"- {a} vs {b} ({dd}), {key}: {fmt(xa, 0 if T else 3)} vs {fmt(xb, 0 if T else 3)}; "
+                           "difference "
                            f"{diff:.3g} in {a}'s favour; larger seed range {spread:.3g}: "
                            f"{'beats it' if diff > spread else 'not beyond the seed spread'}")
     text = "\n".join(out) + "\n"

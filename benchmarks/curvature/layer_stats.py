@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from hiso.fl.simulation import SimulationConfig, build  # noqa: E402
+from hiso.fl.simulation import SimulationConfig, build
 
 
 def stats(model, task, batch, n_hutch=64, seed=0):
@@ -29,7 +29,7 @@ def stats(model, task, batch, n_hutch=64, seed=0):
     grads = torch.autograd.grad(loss, params, create_graph=True)
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for i, (n, p, g) in enumerate(zip(names, params, grads)):
+    for _i, (n, p, g) in enumerate(zip(names, params, grads)):
         tr = 0.0
         for _ in range(n_hutch):
             v = (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).float()

@@ -43,7 +43,8 @@ Methods (P directions per step; H_0 = 1 unless "hinit"; "lr" is in each method's
 
 Protocol: for each (spectrum, method) the three seeds run on a learning-rate grid (8 lrs a factor 2 apart around a
 method-specific guess) that is extended by 4 more lrs beyond an edge until the lr with the lowest median
-steps-to-target has a worse (or failed) neighbour on both sides, and refined with factor-2 midpoints where coarser. A run that has not reached the target by 3x the best median known so far (or
+steps-to-target has a worse (or failed) neighbour on both sides, and refined with factor-2 midpoints where coarser. A
+run that has not reached the target by 3x the best median known so far (or
 by --max-steps) is censored (counts as a failure at that lr). One JSON per (spectrum, d, method, seed, lr) in
 results/quadratic/; ``--summary`` writes the table.
 
@@ -259,8 +260,8 @@ def run_batch(kind: str, d: int, method: str, seeds, lrs, P: int, max_steps: int
             censored |= (hit < 0) & ~dead & (t >= cut)
     out = {}
     for i, s in enumerate(seeds):
-        for j, l in enumerate(lrs):
-            out[(s, l)] = dict(steps=int(hit[i, j]) if hit[i, j] >= 0 else None, diverged=bool(dead[i, j]),
+        for j, lr_ in enumerate(lrs):
+            out[(s, lr_)] = dict(steps=int(hit[i, j]) if hit[i, j] >= 0 else None, diverged=bool(dead[i, j]),
                                censored_at=(t if hit[i, j] < 0 and not dead[i, j] else None))
     return out
 
@@ -297,12 +298,12 @@ def score(v):
 
 def med_by_lr(res, seeds):
     by = {}
-    for (s, l), v in res.items():
-        by.setdefault(l, {})[s] = v
+    for (s, lr_), v in res.items():
+        by.setdefault(lr_, {})[s] = v
     meds = {}
-    for l, m in by.items():
+    for lr_, m in by.items():
         if all(s in m for s in seeds):
-            meds[l] = statistics.median(score(m[s]) for s in seeds)
+            meds[lr_] = statistics.median(score(m[s]) for s in seeds)
     return meds
 
 
@@ -312,7 +313,7 @@ def next_lrs(meds, lr0):
     if not meds:
         return [lr0 * 2.0 ** k for k in range(-4, 4)]
     lrs = sorted(meds)
-    vals = [meds[l] for l in lrs]
+    vals = [meds[lr_] for lr_ in lrs]
     if all(math.isinf(v) for v in vals):
         # nothing reached the target: widen both ways (up to a limit)
         if len(lrs) >= 24:
@@ -327,7 +328,7 @@ def next_lrs(meds, lr0):
     for nb in (lrs[i - 1] if i > 0 else None, lrs[i + 1] if i + 1 < len(lrs) else None):
         if nb is not None and max(nb, lrs[i]) / min(nb, lrs[i]) > 2.01:
             mid = math.sqrt(nb * lrs[i])
-            if not any(abs(mid / l - 1) < 1e-6 for l in lrs):
+            if not any(abs(mid / lr_ - 1) < 1e-6 for lr_ in lrs):
                 out.append(mid)
     return out
 
@@ -337,27 +338,27 @@ def study(kind, d, method, P, max_steps, seeds=SEEDS, log=print):
         res = load(kind, d, method, P)
         meds = med_by_lr(res, seeds)
         todo = next_lrs(meds, lr_start(kind, d, method, P))
-        todo = [round_lr(l) for l in todo]
-        todo = [l for l in todo if l not in meds]
+        todo = [round_lr(lr_) for lr_ in todo]
+        todo = [lr_ for lr_ in todo if lr_ not in meds]
         if not todo:
             return res
         finite = [v for v in meds.values() if math.isfinite(v)]
         cutoff = {s: min(max_steps, int(3 * min(finite))) if finite else max_steps for s in seeds}
         t0 = time.time()
         out = run_batch(kind, d, method, list(seeds), todo, P, max_steps, cutoff)
-        for (s, l), v in out.items():
-            path = fname(kind, d, method, s, l, P)
+        for (s, lr_), v in out.items():
+            path = fname(kind, d, method, s, lr_, P)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            rec = dict(spectrum=kind, d=d, method=method, seed=s, lr=l, P=P, max_steps=max_steps,
+            rec = dict(spectrum=kind, d=d, method=method, seed=s, lr=lr_, P=P, max_steps=max_steps,
                        cutoff=cutoff[s], **v)
             with open(path, "w") as fh:
                 json.dump(rec, fh)
-        log(f"{kind} d={d} {method}: lrs {['%.3g' % l for l in todo]} -> "
-            f"{[out[(s, l)]['steps'] for l in todo for s in seeds]} ({time.time() - t0:.0f} s)")
+        log(f"{kind} d={d} {method}: lrs {[f'{lr_:.3g}' for lr_ in todo]} -> "
+            f"{[out[(s, lr_)]['steps'] for lr_ in todo for s in seeds]} ({time.time() - t0:.0f} s)")
 
 
-def round_lr(l):
-    return float(f"{l:.6g}")
+def round_lr(lr_):
+    return float(f"{lr_:.6g}")
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -406,7 +407,7 @@ def main():
     torch.set_num_threads(1)
     methods = METHODS if args.methods == ["all"] else args.methods
     if args.summary:
-        text, table = summarize(args.d, args.P, args.spectra, methods)
+        text, _table = summarize(args.d, args.P, args.spectra, methods)
         path = os.path.join(OUT, f"summary-d{args.d}-P{args.P}.md")
         with open(path, "w") as fh:
             fh.write(text + "\n")
