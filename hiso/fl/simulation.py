@@ -53,8 +53,11 @@ class SimulationConfig:
     num_eval: int | None = None
     seed: int = 0
     curvature_rule: str = "gsq"
-    beta: float | None = None  # None: the curvature rule's default (hiso.optim.curvature.DEFAULT_BETA)
-    h_init: str | None = None  # "ones" or "first-round" (None: the rule's default)
+    beta: float | None = dataclasses.field(default=None, metadata={
+        "help": "EMA factor of the curvature estimate; default: the rule's (0.95; stein-tensor 0.99, absdelta 0.9)"})
+    h_init: str | None = dataclasses.field(default=None, metadata={
+        "help": "H before the first round: ones, or first-round (set from the first round's scalars); default: the "
+                "rule's (first-round for absdelta and stein-tensor)"})
     h_min: float = 1e-8
     weight_decay: float = 0.0
     aggregation: str = robust.DEFAULT_AGGREGATION  # robust by default: survives one hostile reply per round
