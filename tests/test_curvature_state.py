@@ -199,3 +199,34 @@ def test_fl_claim_needs_three_seeds_and_a_target(tmp_path):
                              text=True, env=env, timeout=300)
         assert res.returncode == 2, (extra, res.stderr)
     assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_claim_report_from_run_files(tmp_path):
+    import json
+
+    import claim_report
+
+    def write(arm, seed, lr, rounds_to, auc):
+        folder = tmp_path / "runs" / arm
+        folder.mkdir(parents=True, exist_ok=True)
+        curve = [dict(round=0, accuracy=0.1), dict(round=10, accuracy=0.5 if rounds_to else 0.3)]
+        rec = dict(arm=arm.rsplit("-", 1)[0], seed=seed, lr=lr, date="2026-12-01", torch="x", threads=1, curve=curve,
+                   metrics=dict(rounds_to={"0.50": rounds_to}, auc=auc, final=0.5))
+        (folder / f"seed{seed}-lr{lr:.6g}.json").write_text(json.dumps(rec))
+
+    for s in range(3):
+        for lr, r in [(1e-3, None), (2e-3, 230 + 10 * s), (4e-3, None)]:
+            write("decomfl-central", s, lr, r, 0.3)
+        for lr, r in [(5e-5, 200), (1e-4, 100 + 10 * s), (2e-4, None)]:
+            write("hiso-absdelta-central", s, lr, r, 0.45)
+        for lr, r in [(3e-3, 300), (5e-3, 180 + 10 * s), (1e-2, None)]:
+            write("hiso-scalar-central", s, lr, r, 0.35)
+    write("hiso-scalar-central", 0, 2e-2, None, 0.1)  # an lr with one seed only: the arm is partial
+    text = claim_report.report(str(tmp_path), dict(task="fashion_mnist", target=0.5))
+    assert "| hiso-absdelta-central | 3 | 0.0001 | yes | 5e-05, 0.0001, 0.0002 | 110 [100-120] |" in text
+    assert "| decomfl-central | 3 | 0.002 | yes |" in text and "complete |" in text
+    assert "hiso-scalar-central | 3 | 0.005 | yes" in text and "| partial |" in text
+    assert "hiso-absdelta-central vs decomfl-central: ratio of medians 2.18x" in text and "2x target met" in text
+    assert "hiso-scalar-central vs decomfl-central" in text and "2x target not met" in text
+    assert "hiso-absdelta-central vs its scalar ablation hiso-scalar-central: median gap 80 rounds" in text
+    assert (tmp_path / "report.md").exists() and (tmp_path / "report.png").exists()
