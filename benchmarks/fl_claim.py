@@ -1,14 +1,28 @@
-"""The paper's claim, tested: HiSo reaches DeComFL's final accuracy in fewer rounds (the paper reports 1.4-5.4x).
+"""The claim harness (issue 15): does a scalar-only curvature rule reach DeComFL's accuracy in fewer rounds, robustly?
 
-For each method, every learning rate of the same grid is run with the same data split, model initialisation and
-seeds; the method's best learning rate is the one with the highest final accuracy. The claim's ratio is
-  rounds DeComFL needs to reach its own final accuracy / rounds HiSo needs to reach DeComFL's final accuracy
-(evaluated every ``eval_every`` rounds). Writes ``<date>-<task>-claim-<rounds>r.{json,md,png}`` to the results folder.
+Each *arm* is a method and a difference scheme: ``decomfl`` (ZO-SGD, DeComFL arXiv 2405.15861) or ``hiso-<rule>``
+(HiSo arXiv 2506.02370 with a curvature rule of :mod:`hiso.optim.curvature`: ``hiso-gsq`` is the authors' rule,
+``hiso-scalar`` its ablation with one global H, ``hiso-absdelta``, ``hiso-stein``, ``hiso-stein-tensor``), each with
+``--differences`` central and/or forward (the authors' HiSo and DeComFL code use forward; rules that need second
+differences run central only). Every arm runs at every seed of ``--seeds`` (at least 3) and every lr of its grid;
+the grid is extended by ``--factor`` at the edge its best lr sits on until the best lr is interior (``--max-grid``).
 
-    python benchmarks/fl_claim.py --task fashion_mnist --rounds 300 --lrs 3e-4 1e-3 3e-3 1e-2 3e-2
+Statistics (``benchmarks/curvature/claim_stats.py``, fixed before the runs): rounds to the preregistered
+``--target`` accuracy, AUC, final accuracy; the best lr has the fewest median rounds to the target, then the higher
+median AUC; median and [min-max] over seeds; the 2x test against DeComFL and the spread test against the scalar
+ablation. A diverged run counts as chance accuracy from its divergence on.
 
-``--extend A.json B.json`` reuses the runs of earlier results with the same settings (a grid run in parts, or
-widened later): only the (method, lr) pairs not found there are run.
+Resumable: one JSON per (arm, lr, seed) run under ``--out`` (``runs/<arm>/seed<S>-lr<lr>.json``); finished runs are
+skipped, so a killed study continues where it stopped, and a later call with more seeds, arms or lrs reuses what is
+there. ``settings.json`` there holds the settings every run shares; a call with other settings exits with code 2.
+``--report`` writes ``report.md`` (table, claim tests, conditions, commands) and ``report.png`` (median curve and
+min-max band per arm at its best lr) from whatever has finished (arms with missing runs are marked partial).
+
+    python benchmarks/fl_claim.py --out benchmarks/results/claim-fmnist --task fashion_mnist --target 0.5 \\
+        --arms decomfl hiso-gsq hiso-scalar hiso-absdelta --differences central forward --seeds 0 1 2 \\
+        --lr-grid decomfl=3e-3,5e-3,7e-3 hiso-gsq=3e-3,5e-3,1e-2 hiso-scalar=3e-3,5e-3,1e-2 \\
+        hiso-absdelta=5e-5,1e-4,2e-4 --aggregation mean
+    python benchmarks/fl_claim.py --out benchmarks/results/claim-fmnist --report
 """
 
 from __future__ import annotations
@@ -23,19 +37,46 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(HERE, "curvature"))
 
-from hiso.fl.simulation import SimulationConfig, build, run
-from hiso.reporting import plot, rounds_to_reach
+import claim_stats as cs  # noqa: E402
+
+from hiso.fl.simulation import SimulationConfig, build, run  # noqa: E402
+from hiso.optim.curvature import CURVATURE_RULES, SECOND_DIFFERENCE_RULES  # noqa: E402
+
+#: chance accuracy of a task (a diverged run's accuracy from its divergence on)
+CHANCE = {"fashion_mnist": 0.10, "sst2": 0.50, "rte": 0.50, "cb": 1 / 3}
+#: settings every run of a study shares (written to settings.json; a mismatch exits with code 2)
+SHARED = ("task", "model", "data_dir", "target", "rounds", "eval_every", "n_clients", "clients_per_round",
+          "local_steps", "num_directions", "mu", "batch_size", "num_train", "num_eval", "split", "aggregation")
+ARMS = ("decomfl", *(f"hiso-{r}" for r in CURVATURE_RULES))
 
 
-def main() -> int:
+class UsageError(SystemExit):
+    def __init__(self, msg: str):
+        print(f"fl_claim: {msg}", file=sys.stderr)
+        super().__init__(2)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the study's folder (runs, settings.json, report)")
+    p.add_argument("--report", action="store_true", help="only write the report from the finished runs")
+    p.add_argument("--arms", nargs="+", default=["decomfl", "hiso-gsq", "hiso-scalar", "hiso-absdelta"])
+    p.add_argument("--differences", nargs="+", default=["central"], choices=["central", "forward"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--pilot", action="store_true", help="allow fewer than 3 seeds (the report says pilot)")
+    p.add_argument("--lrs", nargs="+", type=float, default=[], help="the starting grid of every arm")
+    p.add_argument("--lr-grid", nargs="+", default=[], metavar="ARM=LR,LR,...", help="an arm's starting grid")
+    p.add_argument("--factor", type=float, default=2.0, help="grid extension factor")
+    p.add_argument("--max-grid", type=int, default=7, help="at most this many lrs per arm")
+    p.add_argument("--no-extend", action="store_true", help="run the starting grids only")
+    p.add_argument("--target", type=float, default=None, help="the preregistered accuracy target")
     p.add_argument("--task", default="fashion_mnist")
     p.add_argument("--model", default=None)
-    p.add_argument("--data-dir", default=None, help="local task data (else $HISO_DATA_DIR, else the hub)")
-    p.add_argument("--methods", nargs="+", default=["hiso", "decomfl"])
-    p.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    p.add_argument("--data-dir", default=None)
     p.add_argument("--rounds", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--n-clients", type=int, default=10)
@@ -47,117 +88,153 @@ def main() -> int:
     p.add_argument("--num-train", type=int, default=10000)
     p.add_argument("--num-eval", type=int, default=2000)
     p.add_argument("--split", default="iid")
-    p.add_argument("--curvature-rule", default="gsq")
-    p.add_argument("--beta", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--extend", nargs="+", default=[], help="earlier results (.json) whose runs to reuse")
-    args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    runs, earlier_commands = reuse_runs(args)
-    t0 = time.time()
-    for method in args.methods:
-        for lr in args.lrs:
-            if f"{method}@{lr:g}" in runs:
-                continue
-            cfg = SimulationConfig(
-                task=args.task, model=args.model, data_dir=args.data_dir, method=method, rounds=args.rounds,
-                n_clients=args.n_clients,
-                clients_per_round=args.clients_per_round, local_steps=args.local_steps,
-                num_directions=args.num_directions, lr=lr, mu=args.mu, batch_size=args.batch_size,
-                split=args.split, eval_every=args.eval_every, num_train=args.num_train, num_eval=args.num_eval,
-                seed=args.seed, curvature_rule=args.curvature_rule, beta=args.beta,
-            )
-            rows = run(cfg, setup=build(cfg))
-            for r in rows:
-                r["lr"] = lr
-            runs[f"{method}@{lr:g}"] = rows
-            best = max(r["accuracy"] for r in rows)
-            print(f"{method:8s} lr {lr:<8g} final acc {rows[-1]['accuracy']:.4f}  best {best:.4f}"
-                  f"  ({rows[-1]['seconds']:.0f} s)", flush=True)
-
-    runs = {f"{m}@{lr:g}": runs[f"{m}@{lr:g}"] for m in args.methods for lr in args.lrs}  # the grid asked for
-    best = {}
-    for method in args.methods:
-        cands = [(rows[-1]["accuracy"], key) for key, rows in runs.items() if key.startswith(method + "@")]
-        best[method] = max(cands)[1]
-    result = {"best_lr_runs": best}
-    if "hiso" in best and "decomfl" in best:
-        deco, hiso = runs[best["decomfl"]], runs[best["hiso"]]
-        target = deco[-1]["accuracy"]
-        r_deco = rounds_to_reach(deco, "decomfl", target)
-        r_hiso = rounds_to_reach(hiso, "hiso", target)
-        result.update(decomfl_final_accuracy=target, rounds_decomfl=r_deco, rounds_hiso=r_hiso,
-                      speedup=None if not r_hiso else r_deco / r_hiso)
-
-    stamp = dt.date.today().isoformat()
-    os.makedirs(args.out, exist_ok=True)
-    seed_tag = f"-seed{args.seed}" if args.seed else ""
-    base = os.path.join(args.out, f"{stamp}-{args.task}-claim-{args.rounds}r{seed_tag}")
-    # no machine paths in committed results
-    settings = dict(vars(args), out=os.path.relpath(args.out), extend=[os.path.basename(e) for e in args.extend])
-    conditions = dict(date=stamp, command=recorded_command(sys.argv), earlier_commands=earlier_commands,
-                      python=platform.python_version(),
-                      torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads(),
-                      seconds=time.time() - t0, settings=settings)
-    with open(base + ".json", "w") as fh:
-        json.dump(dict(conditions=conditions, result=result, runs=runs), fh, indent=1)
-    lines = [f"# {args.task}: HiSo vs DeComFL ({stamp})", "", f"Command: `{conditions['command']}`", ""]
-    if earlier_commands:
-        lines += ["Runs reused from:", ""] + [f"- `{c}`" for c in earlier_commands] + [""]
-    lines += ["| method | lr | final acc | best acc |", "|---|---|---|---|"]
-    for key, rows in runs.items():
-        m, lr = key.split("@")
-        mark = " (best)" if best.get(m) == key else ""
-        lines.append(f"| {m}{mark} | {lr} | {rows[-1]['accuracy']:.4f} | {max(r['accuracy'] for r in rows):.4f} |")
-    if "speedup" in result:
-        lines += ["", f"DeComFL's final accuracy {result['decomfl_final_accuracy']:.4f}: DeComFL reaches it at round "
-                      f"{result['rounds_decomfl']}, HiSo at round {result['rounds_hiso']} "
-                      f"(ratio {result['speedup'] if result['speedup'] is None else round(result['speedup'], 2)})."]
-    with open(base + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    plot([r for key in best.values() for r in runs[key]], base + ".png")
-    print("\n".join(lines))
-    return 0
+    p.add_argument("--aggregation", default="mean", help="mean: the papers' aggregation (hiso's default is robust)")
+    args = p.parse_args(argv)
+    for arm in args.arms:
+        if arm not in ARMS:
+            raise UsageError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    if len(set(args.seeds)) < 3 and not (args.pilot or args.report):
+        raise UsageError("a claim needs at least 3 seeds (--pilot for fewer)")
+    if args.factor <= 1 or args.max_grid < 3:
+        raise UsageError("--factor must be > 1 and --max-grid >= 3")
+    args.grids = {}
+    for item in args.lr_grid:
+        arm, _, values = item.partition("=")
+        try:
+            args.grids[arm] = sorted({float(f"{float(v):.6g}") for v in values.split(",")})
+        except ValueError:
+            raise UsageError(f"--lr-grid {item!r}: expected ARM=LR,LR,...") from None
+        if arm not in ARMS or not args.grids[arm] or min(args.grids[arm]) <= 0:
+            raise UsageError(f"--lr-grid {item!r}: unknown arm or non-positive lr")
+    return args
 
 
-def recorded_command(argv: list[str]) -> str:
-    """The command as run, without machine paths: --out is dropped (it does not change a run) and --extend files
-    are named by their file names."""
-    out, skip, extending = ["python", argv[0]], False, False
-    for a in argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--out":
-            skip = True
-            continue
-        if a.startswith("--"):
-            extending = a == "--extend"
-        out.append(os.path.basename(a) if extending and not a.startswith("--") else a)
-    return " ".join(out)
+# ------------------------------------------------------------------------------------------------ runs on disk
+def arm_name(arm: str, difference: str) -> str:
+    return f"{arm}-{difference}"
 
 
-# settings that must agree for runs to be reused (everything that changes a run; not the grid or the output)
-_NOT_COMPARED = {"lrs", "methods", "out", "extend"}
+def valid(arm: str, difference: str) -> bool:
+    """Rules with second differences need central differences."""
+    return not (arm.startswith("hiso-") and arm[5:] in SECOND_DIFFERENCE_RULES and difference != "central")
 
 
-def reuse_runs(args) -> tuple[dict, list[str]]:
-    runs, commands = {}, []
-    mine = {k: v for k, v in vars(args).items() if k not in _NOT_COMPARED}
-    for path in args.extend:
+def run_path(out: str, arm: str, difference: str, seed: int, lr: float) -> str:
+    return os.path.join(out, "runs", arm_name(arm, difference), f"seed{seed}-lr{lr:.6g}.json")
+
+
+def load_runs(out: str, arm: str, difference: str) -> dict[tuple[int, float], dict]:
+    folder = os.path.join(out, "runs", arm_name(arm, difference))
+    res = {}
+    for fn in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if fn.endswith(".json"):
+            with open(os.path.join(folder, fn)) as fh:
+                r = json.load(fh)
+            res[(r["seed"], r["lr"])] = r
+    return res
+
+
+def check_settings(args) -> dict:
+    """The shared settings, written on the first call and compared on every later one."""
+    mine = {k: getattr(args, k) for k in SHARED}
+    path = os.path.join(args.out, "settings.json")
+    if os.path.exists(path):
         with open(path) as fh:
-            doc = json.load(fh)
-        theirs = {k: v for k, v in doc["conditions"]["settings"].items() if k not in _NOT_COMPARED}
-        if theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise SystemExit(f"fl_claim: {path} was run with other settings ({', '.join(diff)}); cannot reuse it")
-        runs.update(doc["runs"])
-        for command in [doc["conditions"]["command"], *doc["conditions"].get("earlier_commands", [])]:
-            commands.append(recorded_command(command.split()[1:]))  # older results recorded --out
-    return runs, commands
+            theirs = json.load(fh)
+        if args.report:
+            return theirs
+        diff = sorted(k for k in SHARED if theirs.get(k) != mine[k])
+        if diff:
+            raise UsageError(f"{args.out} holds runs with other settings ({', '.join(diff)}); use another --out")
+        return theirs
+    if args.report:
+        raise UsageError(f"{args.out} has no settings.json (no runs)")
+    if args.target is None:
+        raise UsageError("--target (the preregistered accuracy) is required for a new study")
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(mine, fh, indent=1)
+    return mine
+
+
+def run_one(args, st: dict, arm: str, difference: str, seed: int, lr: float) -> dict:
+    """Run (or load) one (arm, difference, lr, seed); returns its record."""
+    path = run_path(args.out, arm, difference, seed, lr)
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    method, rule = ("decomfl", "gsq") if arm == "decomfl" else ("hiso", arm[5:])
+    cfg = SimulationConfig(
+        task=st["task"], model=st["model"], data_dir=st["data_dir"], method=method, rounds=st["rounds"],
+        n_clients=st["n_clients"], clients_per_round=st["clients_per_round"], local_steps=st["local_steps"],
+        num_directions=st["num_directions"], lr=lr, mu=st["mu"], batch_size=st["batch_size"], split=st["split"],
+        eval_every=st["eval_every"], num_train=st["num_train"], num_eval=st["num_eval"], seed=seed,
+        curvature_rule=rule, difference=difference, aggregation=st["aggregation"])
+    t0 = time.time()
+    rows = run(cfg, setup=build(cfg))
+    curve = [dict(round=r["round"], accuracy=r["accuracy"], loss=r.get("loss")) for r in rows]
+    diverged = any(r.get("diverged") for r in rows)
+    if diverged:
+        curve = cs.fill_after_divergence(curve, st["rounds"], st["eval_every"], CHANCE.get(st["task"], 0.0))
+    rec = dict(arm=arm, difference=difference, seed=seed, lr=lr, curvature_rule=None if method == "decomfl" else rule,
+               beta=cfg.fl_config().beta if method == "hiso" else None, diverged=diverged, seconds=time.time() - t0,
+               metrics=cs.curve_metrics(curve, st["rounds"], [st["target"]]), curve=curve,
+               bytes_up=rows[-1].get("bytes_up"), date=dt.date.today().isoformat(), torch=torch.__version__,
+               threads=torch.get_num_threads())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(rec, fh)
+    os.replace(path + ".tmp", path)  # atomic: a killed run leaves no half file
+    m, tkey = rec["metrics"], f"{st['target']:.2f}"
+    print(f"{arm_name(arm, difference):24s} seed {seed} lr {lr:<9.3g} final {m['final']:.3f} auc {m['auc']:.3f} "
+          f"rounds to {tkey}: {m['rounds_to'][tkey]}"
+          f"{'  DIVERGED' if diverged else ''} ({rec['seconds']:.0f} s)", flush=True)
+    return rec
+
+
+def complete_by_lr(runs: dict, seeds) -> dict[float, list[dict]]:
+    by: dict[float, list[dict]] = {}
+    for (s, lr), r in runs.items():
+        if s in seeds:
+            by.setdefault(lr, []).append(r["metrics"])
+    return {lr: ms for lr, ms in by.items() if len(ms) == len(set(seeds))}
+
+
+def study(args, st: dict) -> None:
+    """Run every arm: its starting grid at every seed, then extend the grid until the best lr is interior."""
+    for arm in args.arms:
+        for difference in args.differences:
+            if not valid(arm, difference):
+                continue
+            grid = args.grids.get(arm, args.lrs)
+            have = sorted({lr for (_, lr) in load_runs(args.out, arm, difference)})
+            if not grid and not have:
+                raise UsageError(f"no lrs for {arm} (--lrs or --lr-grid {arm}=...)")
+            for lr in grid:
+                for seed in args.seeds:
+                    run_one(args, st, arm, difference, seed, lr)
+            while not args.no_extend:
+                by = complete_by_lr(load_runs(args.out, arm, difference), args.seeds)
+                best, interior, lrs = cs.best_lr(by, st["target"])
+                if best is None or interior or len(lrs) >= args.max_grid:
+                    break
+                new = cs.next_lr(best, lrs, args.factor)
+                print(f"{arm_name(arm, difference)}: best lr {best:g} is at the edge of {lrs}; adding {new:g}",
+                      flush=True)
+                for seed in args.seeds:
+                    run_one(args, st, arm, difference, seed, new)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from claim_report import report
+
+    _args = parse_args()
+    _st = check_settings(_args)
+    if not _args.report:
+        with open(os.path.join(_args.out, "commands.txt"), "a") as _fh:
+            _fh.write(f"{dt.datetime.now().isoformat(timespec='seconds')}  python benchmarks/fl_claim.py "
+                      + " ".join(a if a != _args.out else os.path.relpath(a) for a in sys.argv[1:]) + "\n")
+        _t = torch.get_num_threads()
+        torch.set_num_threads(max(1, _t))
+        study(_args, _st)
+    report(_args.out, _st, platform.platform())

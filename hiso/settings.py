@@ -61,8 +61,14 @@ def _choices_table() -> dict[str, Callable[[], Sequence[str]]]:
 
         return CURVATURE_RULES
 
+    def h_inits() -> tuple[str, ...]:
+        from .optim.curvature import H_INITS
+
+        return H_INITS
+
     return {
         "method": lambda: METHODS,
+        "h_init": h_inits,
         "aggregation": aggregations,
         "split": lambda: ("iid", "dirichlet"),
         "curvature_rule": curvature_rules,

@@ -23,7 +23,7 @@ def gpu_backends() -> list[str]:
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a tensor's storage, for bit-for-bit comparisons (NaN-safe, -0 != +0)."""
     t = t.contiguous()
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:

@@ -110,6 +110,12 @@ CONFIGS = {
     "decomfl": FLConfig(method="decomfl", lr=0.05, local_steps=1, num_directions=5, difference="forward"),
     "hiso_stein": FLConfig(method="hiso", lr=0.05, local_steps=1, num_directions=2, curvature_rule="stein", beta=0.99,
                            h_min=1e-2),
+    # the scalar-state rules (hiso.optim.curvature): a global or per-tensor h kept beside x and H
+    "hiso_absdelta_k2": FLConfig(method="hiso", lr=1e-3, local_steps=2, num_directions=3, curvature_rule="absdelta"),
+    "hiso_scalar_forward": FLConfig(method="hiso", lr=0.05, num_directions=3, curvature_rule="scalar",
+                                    difference="forward"),
+    "hiso_stein_tensor": FLConfig(method="hiso", lr=1e-3, num_directions=2, curvature_rule="stein-tensor"),
+    "hiso_gsq_first_round": FLConfig(method="hiso", lr=0.05, num_directions=3, h_init="first-round"),
 }
 
 

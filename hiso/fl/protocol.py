@@ -10,6 +10,7 @@ Round r (``docs/architecture.md`` walks through it with the code):
    default, coordinate median or mean; :mod:`hiso.fl.robust`), journals (seeds, aggregated scalars) and applies:
        x <- x - sum_k sum_p (lr c[k,p] / P) z_{k,p} - K lr wd x,      z_{k,p} = u(seed_k, p) / sqrt(H)
        H <- max(beta H + (1 - beta) v, h_min)  from the last local step's aggregated scalars (HiSo)
+   (the curvature rules, some with a global or per-tensor h kept as Python floats: :mod:`hiso.optim.curvature`)
    Every replica (server model, clients, a fresh replica replaying the log) applies the same records with the same
    kernels, so they hold the same bits.
 
@@ -20,17 +21,20 @@ round), and a crashed server resumes exactly from it (:meth:`hiso.fl.server.Serv
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 import hiso_kernels as hk
 
+from ..optim import curvature as curv
 from ..optim.estimate import estimate_scalars
 from ..optim.exact_restore import perturb_with_undo
 from ..optim.update import check_curvature_rule, needs_second_differences, step_round
@@ -53,12 +57,13 @@ class FLConfig:
     num_directions: int = 5  # P
     difference: str = "central"
     distribution: str = "gaussian"
-    curvature_rule: str = "gsq"  # HiSo's rule; "stein" sends second differences too
-    beta: float = 0.95
+    curvature_rule: str = "gsq"  # HiSo's rule; "stein", "stein-tensor", "absdelta" send second differences too
+    beta: float | None = None  # None: the rule's default (hiso.optim.curvature.DEFAULT_BETA)
     h_min: float = 1e-8
     weight_decay: float = 0.0
     stochastic_rounding: bool = False
     backend: str | None = None
+    h_init: str | None = None  # "ones" or "first-round"; None: the rule's default
     #: deprecated name of ``curvature_rule`` (constructor only)
     curvature: dataclasses.InitVar[str | None] = None
 
@@ -70,7 +75,11 @@ class FLConfig:
             raise ValueError(f"method must be 'hiso' or 'decomfl', got {self.method!r}")
         if not (1 <= self.local_steps <= 255 and 1 <= self.num_directions <= 255):
             raise ValueError("local_steps and num_directions must be in [1, 255]")
-        check_curvature_rule(self.curvature_rule, self.difference)
+        check_curvature_rule(self.curvature_rule, self.difference, self.h_init)
+        if self.beta is None:
+            object.__setattr__(self, "beta", curv.DEFAULT_BETA[self.curvature_rule])
+        if self.h_init is None:
+            object.__setattr__(self, "h_init", curv.DEFAULT_H_INIT[self.curvature_rule])
         for name in ("lr", "mu", "beta", "h_min", "weight_decay"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -85,7 +94,7 @@ class FLConfig:
     @property
     def kernel_rule(self) -> str:
         """The kernels' curvature rule of a round: HiSo's rule, or "none" (DeComFL: H = 1, no H update)."""
-        return self.curvature_rule if self.uses_hessian else "none"
+        return curv.kernel_rule_of(self.curvature_rule) if self.uses_hessian else "none"
 
     @property
     def sends_second_differences(self) -> bool:
@@ -102,42 +111,88 @@ class FLConfig:
         return cls(**values)
 
 
-def record_round(config: FLConfig, record: RoundRecord) -> hk.Round:
-    """The kernel round of a log record (:func:`hiso.optim.update.step_round`), the same for every replica."""
+def record_round(config: FLConfig, record: RoundRecord, *, kernel_rule: str | None = None,
+                 divisor: float = 1.0) -> hk.Round:
+    """The kernel round of a log record (:func:`hiso.optim.update.step_round`), the same for every replica.
+    ``kernel_rule`` and ``divisor`` come from the replica's curvature state (default: the config's rule, 1)."""
     return step_round(record.seeds, record.scalars, lr=config.lr, weight_decay=config.weight_decay,
-                      curvature_rule=config.kernel_rule, second_differences=record.second_differences)
+                      curvature_rule=config.kernel_rule if kernel_rule is None else kernel_rule,
+                      second_differences=record.second_differences, divisor=divisor)
+
+
+def _last_step(record: RoundRecord):
+    second = record.second_differences
+    return record.seeds[-1], record.scalars[-1], (None if second is None else second[-1])
 
 
 class Replica:
-    """A model's trainable parameters and H, and how far along the log they are (server, clients, checkers)."""
+    """A model's trainable parameters and H, and how far along the log they are (server, clients, checkers).
+
+    ``curvature`` (HiSo only) is the rule's Python state (:class:`hiso.optim.curvature.CurvatureState`): a global or
+    per-tensor h for "scalar", "absdelta", "stein-tensor", the round count for ``h_init``. ``hessian`` is None for
+    DeComFL and for "absdelta" (whose h divides the step instead of scaling the directions)."""
 
     def __init__(self, params: Iterable[torch.Tensor], config: FLConfig):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.config = config
+        self.curvature = (curv.CurvatureState(config.curvature_rule, [p.numel() for p in self.params],
+                                              beta=config.beta, h_min=config.h_min, h_init=config.h_init,
+                                              distribution=config.distribution)
+                          if config.uses_hessian else None)
         self.hessian = ([torch.ones(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
-                        if config.uses_hessian else None)
+                        if config.uses_hessian and curv.uses_tensor_h(config.curvature_rule) else None)
         self.applied = 0  # number of log records applied
+
+    def divisor(self) -> float:
+        """The divisor of the next round's step (1 unless the rule divides the step by its h)."""
+        return 1.0 if self.curvature is None else self.curvature.divisor()
 
     @torch.no_grad()
     def apply(self, records: Sequence[RoundRecord]) -> None:
-        """Apply records (in order) in one fused pass over the parameters."""
+        """Apply records (in order): one fused pass over the parameters per run of records with no H write
+        between them (all of them for DeComFL, gsq, stein and absdelta after the first round)."""
         if not records:
             return
         c = self.config
-        hk.replay_(self.params, [record_round(c, r) for r in records], hessian=self.hessian,
-                   curvature_rule=c.kernel_rule, beta=c.beta, h_min=c.h_min,
-                   distribution=c.distribution, stochastic_rounding=c.stochastic_rounding, backend=c.backend,
-                   check_hessian=False)
+        kw: dict[str, Any] = dict(beta=c.beta, h_min=c.h_min, distribution=c.distribution,
+                                  stochastic_rounding=c.stochastic_rounding, backend=c.backend, check_hessian=False)
+        if self.curvature is None:
+            hk.replay_(self.params, [record_round(c, r) for r in records], hessian=None, curvature_rule="none", **kw)
+        else:
+            state = copy.deepcopy(self.curvature)  # kept only when every segment applied
+            for seg in curv.plan(state, records, _last_step):
+                rounds = [record_round(c, r, kernel_rule=seg.kernel_rule, divisor=dv) for r, dv in seg.items]
+                hk.replay_(self.params, rounds, hessian=self.hessian, curvature_rule=seg.kernel_rule, **kw)
+                if seg.fill is not None and self.hessian is not None:
+                    curv.fill_hessian(self.hessian, seg.fill)
+            self.curvature = state
         self.applied += len(records)
         # the kernels skip their H checks on this hot path (check_hessian=False); one cheap pass keeps a NaN or an
         # infinity in H from spreading silently through every later round
         if self.hessian is not None and not all(bool(torch.isfinite(h).all()) for h in self.hessian):
             raise DivergedError(f"H is not finite after applying records up to {self.applied}")
 
+    def load_curvature(self, saved: dict | None, records: Sequence[RoundRecord]) -> None:
+        """Restore the rule's Python state from a snapshot (``CurvatureState.to_dict``), or, for a snapshot written
+        before it was saved, recompute it from the ``records`` the snapshot's parameters have applied."""
+        if self.curvature is None:
+            return
+        if saved is not None:
+            self.curvature.load_dict(saved)
+            return
+        state = curv.CurvatureState(self.config.curvature_rule, [p.numel() for p in self.params],
+                                    beta=self.config.beta, h_min=self.config.h_min, h_init=self.config.h_init,
+                                    distribution=self.config.distribution)
+        curv.plan(state, records, _last_step)
+        self.curvature = state
+
     def state_bits(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params] + ([h.clone() for h in self.hessian] if self.hessian else [])
+        out = [p.detach().clone() for p in self.params] + ([h.clone() for h in self.hessian] if self.hessian else [])
+        if self.curvature is not None and self.curvature.rule in curv.SCALAR_STATE_RULES:
+            out.append(torch.tensor(self.curvature.h, dtype=torch.float64))
+        return out
 
 
 class Client:
@@ -201,7 +256,8 @@ def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple
                 second.append(tuple(est.second_differences))
             if k < len(seeds) - 1:
                 # the local update of step k (no weight decay, no H update: those come with the aggregated round)
-                coefs = list(step_round([int(seed)], [est.scalars], lr=c.lr).coefficients)
+                coefs = list(step_round([int(seed)], [est.scalars], lr=c.lr,
+                                        divisor=replica.divisor()).coefficients)
                 log_k = perturb_with_undo(params, offsets, hessian, update_op(int(seed), coefs),
                                           [update_op(int(seed), [-a for a in coefs])])
                 undo.append((int(seed), coefs, log_k))

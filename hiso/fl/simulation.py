@@ -53,7 +53,11 @@ class SimulationConfig:
     num_eval: int | None = None
     seed: int = 0
     curvature_rule: str = "gsq"
-    beta: float = 0.95
+    beta: float | None = dataclasses.field(default=None, metadata={
+        "help": "EMA factor of the curvature estimate; default: the rule's (0.95; stein-tensor 0.99, absdelta 0.9)"})
+    h_init: str | None = dataclasses.field(default=None, metadata={
+        "help": "H before the first round: ones, or first-round (set from the first round's scalars); default: the "
+                "rule's (first-round for absdelta and stein-tensor)"})
     h_min: float = 1e-8
     weight_decay: float = 0.0
     aggregation: str = robust.DEFAULT_AGGREGATION  # robust by default: survives one hostile reply per round
@@ -97,7 +101,8 @@ class SimulationConfig:
         return FLConfig(
             method=self.method, lr=self.lr, mu=self.mu, local_steps=self.local_steps,
             num_directions=self.num_directions, difference=self.difference, distribution=self.distribution,
-            curvature_rule=self.curvature_rule, beta=self.beta, h_min=self.h_min, weight_decay=self.weight_decay,
+            curvature_rule=self.curvature_rule, beta=self.beta, h_init=self.h_init, h_min=self.h_min,
+            weight_decay=self.weight_decay,
             backend=self.backend,
         )
 

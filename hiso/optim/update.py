@@ -12,6 +12,10 @@ from the last step's aggregated scalars with coefficients b_p:
     "gsq"   (the authors' rule)   b_p = c_p / P                    H <- beta H + (1 - beta) (sum_p b_p u_p / sqrt(H))^2
     "stein" (second differences)  b_p = second_difference_p / P    H <- beta H + (1 - beta) H sum_p b_p (u_p^2 - 1)
 
+The rules whose state is a few Python floats ("scalar", "absdelta", "stein-tensor", :mod:`hiso.optim.curvature`)
+run kernel rounds without H update; their ``divisor`` (h for absdelta, hbar for stein-tensor) divides the step:
+a_p = lr c_p / (P divisor), with divisor 1 giving exactly the bits of lr c_p / P.
+
 The kernels apply the round (``hiso_kernels.replay_``); every replica that applies the same rounds holds the same bits.
 Python evaluates ``lr * c / P`` left to right in float64 and the kernels round each coefficient once to fp32, so the
 expressions here must not be rearranged: a replica that computed ``lr / P * c`` would drift by an ulp.
@@ -19,26 +23,24 @@ expressions here must not be rearranged: a replica that computed ``lr / P * c`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import hiso_kernels as hk
 
-#: curvature rules of HiSo (the kernel rule "none" is ZO-SGD / DeComFL: no H update)
-CURVATURE_RULES = ("gsq", "stein")
+from .curvature import CURVATURE_RULES, KERNEL_RULES, SECOND_DIFFERENCE_RULES, check_rule
+
+__all__ = ["CURVATURE_RULES", "check_curvature_rule", "needs_second_differences", "step_round"]
 
 
-def check_curvature_rule(rule: str, difference: str = "central") -> str:
-    """Validate a HiSo curvature rule name (and that it fits the finite-difference scheme)."""
-    if rule not in CURVATURE_RULES:
-        raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {rule!r}")
-    if rule == "stein" and difference != "central":
-        raise ValueError("the 'stein' curvature rule needs central differences")
-    return rule
+def check_curvature_rule(rule: str, difference: str = "central", h_init: str | None = None) -> str:
+    """Validate a HiSo curvature rule name (and that it fits the finite-difference scheme and ``h_init``)."""
+    return check_rule(rule, difference, h_init)
 
 
 def needs_second_differences(curvature_rule: str | None) -> bool:
     """Whether a rule's H update needs the second differences (f(x + mu z) + f(x - mu z) - 2 f(x)) / (2 mu^2)."""
-    return curvature_rule == "stein"
+    return curvature_rule in SECOND_DIFFERENCE_RULES
 
 
 def step_round(
@@ -49,11 +51,13 @@ def step_round(
     weight_decay: float = 0.0,
     curvature_rule: str | None = None,
     second_differences: Sequence[Sequence[float]] | None = None,
+    divisor: float = 1.0,
 ) -> hk.Round:
     """The kernel round of K local steps (``seeds[k]``, ``scalars[k][p]``), K = 1 for an optimizer step.
 
     ``curvature_rule`` None (or "none") gives a round without H update (ZO-SGD, DeComFL, the local steps of a
     client); "gsq" / "stein" add the curvature coefficients of the last step (``second_differences`` for "stein").
+    ``divisor`` divides every step coefficient (the scalar-state rules' h; see the module doc).
     """
     k_steps = len(seeds)
     if k_steps == 0 or len(scalars) != k_steps:
@@ -62,9 +66,11 @@ def step_round(
     if p_dirs == 0 or any(len(row) != p_dirs for row in scalars):
         raise ValueError("every step needs the same positive number of directional scalars")
     rule = None if curvature_rule in (None, "none") else curvature_rule
-    if rule is not None:
-        check_curvature_rule(rule)
-    if needs_second_differences(rule) and (second_differences is None or len(second_differences) != k_steps
+    if rule is not None and rule not in KERNEL_RULES:
+        raise ValueError(f"step_round takes a kernel rule {KERNEL_RULES} or none, got {rule!r}")
+    if not (math.isfinite(divisor) and divisor > 0):
+        raise ValueError(f"divisor must be finite and > 0, got {divisor!r}")
+    if rule == "stein" and (second_differences is None or len(second_differences) != k_steps
                                            or any(len(row) != p_dirs for row in second_differences)):
         raise ValueError(f"the {rule!r} rule needs K x P second differences")
     out_seeds, dirs, a, b = [], [], [], []
@@ -73,7 +79,7 @@ def step_round(
         for p in range(p_dirs):
             out_seeds.append(seeds[k])
             dirs.append(p)
-            a.append(lr * scalars[k][p] / p_dirs)
+            a.append(lr * scalars[k][p] / (p_dirs * divisor))
             if rule is not None:
                 if not last:
                     b.append(0.0)

@@ -43,7 +43,7 @@ from .estimate import Closure, estimate_scalars
 from .exact_restore import DEFAULT_CHUNK
 from .history import ZOStep
 from .layout import DeviceKey, ParamLayout, build_layout, device_of, is_dtensor
-from .update import check_curvature_rule, needs_second_differences, step_round
+from .update import step_round
 
 __all__ = ["ZOSGD", "HiSo", "ZOOptimizer", "ZOStep"]
 
@@ -393,51 +393,12 @@ class ZOSGD(ZOOptimizer):
     """
 
 
-class HiSo(ZOOptimizer):
-    """HiSo (Li et al., arXiv 2506.02370): directions scaled by a diagonal curvature estimate H, z_p = u_p / sqrt(H).
-
-    ``curvature_rule="gsq"`` is the authors' rule, H <- beta H + (1 - beta) g_hat^2 with g_hat = (1/P) sum_p c_p z_p;
-    ``curvature_rule="stein"`` uses second differences (one more loss per step), H <- beta H + (1 - beta) H (1/P)
-    sum_p Delta_p (u_p^2 - 1), an unbiased estimate of diag(A) on a quadratic. H is floored at ``h_min``.
-    ``curvature=`` is the deprecated name of ``curvature_rule=``.
-    """
-
-    uses_hessian = True
-
-    def __init__(self, params, lr: float = 1e-6, *, beta: float = 0.95, h_min: float = 1e-8,
-                 curvature_rule: str = "gsq", curvature: str | None = None, **kwargs):
-        if curvature is not None:
-            warnings.warn("HiSo(curvature=) is deprecated; use curvature_rule=", DeprecationWarning, stacklevel=2)
-            curvature_rule = curvature
-        _check_real("beta", beta, minimum=0.0)
-        if beta > 1:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        _check_real("h_min", h_min, minimum=0.0, strict=True)
-        check_curvature_rule(curvature_rule, kwargs.get("difference", "central"))
-        super().__init__(params, lr, **kwargs)
-        self.beta = float(beta)
-        self.h_min = float(h_min)
-        self.curvature_rule = curvature_rule
-
-    @property
-    def curvature(self) -> str:
-        """Deprecated name of :attr:`curvature_rule`."""
-        warnings.warn("HiSo.curvature is deprecated; use curvature_rule", DeprecationWarning, stacklevel=2)
-        return self.curvature_rule
-
-    def _needs_f0(self) -> bool:
-        return self.difference == "forward" or needs_second_differences(self.curvature_rule)
-
-    def _kernel_kwargs(self) -> dict:
-        return dict(super()._kernel_kwargs(), beta=self.beta, h_min=self.h_min)
-
-    def hyper(self) -> dict:
-        return dict(super().hyper(), beta=self.beta, h_min=self.h_min)
-
-
 # ---------------------------------------------------------------------- helpers
 def _check_real(name, value, minimum=None, strict=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     if minimum is not None and (value < minimum or (strict and value <= minimum)):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+
+
+from .hiso import HiSo  # noqa: E402  (HiSo and its curvature rules live in hiso.py; importable from here)

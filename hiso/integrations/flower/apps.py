@@ -48,7 +48,7 @@ def config_from_run_config(run_config: dict, defaults: SimulationConfig | None =
                              f"{sorted(k.replace('_', '-') for k in _FIELDS)} and num-server-rounds")
         values[name] = value
     # TOML has no null: an empty string (a path) or 0 (a count) means "not set"
-    for name in ("model", "data_dir", "backend"):
+    for name in ("model", "data_dir", "backend", "h_init"):
         if values[name] == "":
             values[name] = None
     for name in ("num_train", "num_eval", "scalar_bound"):

@@ -103,6 +103,8 @@ class NodeState:
                 if replica.hessian is not None:
                     for h, s in zip(replica.hessian, saved["hessian"], strict=True):
                         h.copy_(s)
+            if replica.curvature is not None:  # the rule's Python state (h, round count) of the snapshot
+                replica.load_curvature(saved.get("curvature"), records[:applied])
             replica.applied = applied
         else:  # no usable snapshot: replay this node's own records from the initial weights
             replica.apply(records[:applied])
@@ -125,7 +127,8 @@ class NodeState:
         replica = self.client.replica
         buf = io.BytesIO()
         torch.save({"params": [p.detach().cpu() for p in replica.params],
-                    "hessian": [h.cpu() for h in replica.hessian] if replica.hessian is not None else None}, buf)
+                    "hessian": [h.cpu() for h in replica.hessian] if replica.hessian is not None else None,
+                    "curvature": replica.curvature.to_dict() if replica.curvature is not None else None}, buf)
         blob = buf.getvalue()
         atomic_write(os.path.join(self.folder or "", "snapshot.pt"), blob)
         data = self.client.data_state.state_dict() if self.client.data_state is not None else None
