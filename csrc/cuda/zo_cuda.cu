@@ -77,15 +77,20 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
     }
   }
 
+  int64_t last_seed = -1, last_dir = -1;  // a term with the previous term's direction reuses its values
+  float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t r = 0; r < prog.n_rounds; ++r) {
     float ax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float ah[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int64_t t_end = __ldg(prog.round_start + r + 1);
     for (int64_t t = __ldg(prog.round_start + r); t < t_end; ++t) {
-      const Philox4 w = direction_words(static_cast<uint64_t>(__ldg(prog.seeds + t)),
-                                        static_cast<uint32_t>(__ldg(prog.dirs + t)), g);
-      float z[4];
-      group_directions<DIST>(w, z);
+      const int64_t seed = __ldg(prog.seeds + t);
+      const int64_t dir = __ldg(prog.dirs + t);
+      if (seed != last_seed || dir != last_dir) {
+        last_seed = seed;
+        last_dir = dir;
+        group_directions<DIST>(direction_words(static_cast<uint64_t>(seed), static_cast<uint32_t>(dir), g), z);
+      }
       const float a = __ldg(prog.coef_x + t);
       const float b = (RULE != kRuleNone) ? __ldg(prog.coef_h + t) : 0.0f;
 #pragma unroll
@@ -93,8 +98,13 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
     }
     const float wd = __ldg(prog.round_wd + r);
     float y[4];
+    if (RULE != kRuleNone && (__ldg(prog.round_flags + r) & kRoundUpdatesH) != 0) {
 #pragma unroll
-    for (int l = 0; l < 4; ++l) y[l] = finish_round<HAS_H, RULE>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+      for (int l = 0; l < 4; ++l) y[l] = finish_round<HAS_H, RULE>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+    } else {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) y[l] = finish_round<HAS_H, kRuleNone>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+    }
     if (S::kRoundsDown) {
       const int64_t rseed = __ldg(prog.round_rseed + r);
       if (rseed >= 0) {

@@ -28,8 +28,8 @@ T* as_ptr(int64_t address) {
 // Called from Python with keyword arguments only (the names below; see backends/base.py: native_program_args).
 void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h, int rule,
          int distribution, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h, int64_t round_start,
-         int64_t round_wd, int64_t round_rseed, int64_t n_rounds, double beta, double one_minus_beta, double h_min,
-         int64_t stream) {
+         int64_t round_wd, int64_t round_rseed, int64_t round_flags, int64_t n_rounds, double beta,
+         double one_minus_beta, double h_min, int64_t stream) {
   if (groups_per_chunk != kGroupsPerChunk) throw std::invalid_argument("groups_per_chunk must be GROUPS_PER_CHUNK");
   if (rule < hiso::kRuleNone || rule > hiso::kRuleStein) throw std::invalid_argument("unknown curvature rule code");
   if (distribution < hiso::kGaussian || distribution > hiso::kRademacher)
@@ -42,6 +42,7 @@ void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chu
   prog.round_start = as_ptr<const int64_t>(round_start);
   prog.round_wd = as_ptr<const float>(round_wd);
   prog.round_rseed = as_ptr<const int64_t>(round_rseed);
+  prog.round_flags = as_ptr<const int32_t>(round_flags);
   prog.n_rounds = n_rounds;
   prog.beta = static_cast<float>(beta);
   prog.one_minus_beta = static_cast<float>(one_minus_beta);
@@ -60,7 +61,8 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("slots"), py::arg("chunks"), py::arg("n_chunks"), py::arg("groups_per_chunk"), py::arg("dtype"),
         py::arg("has_h"), py::arg("rule"), py::arg("distribution"), py::arg("seeds"), py::arg("dirs"),
         py::arg("coef_x"), py::arg("coef_h"), py::arg("round_start"), py::arg("round_wd"), py::arg("round_rseed"),
-        py::arg("n_rounds"), py::arg("beta"), py::arg("one_minus_beta"), py::arg("h_min"), py::arg("stream"));
+        py::arg("round_flags"), py::arg("n_rounds"), py::arg("beta"), py::arg("one_minus_beta"), py::arg("h_min"),
+        py::arg("stream"));
   m.def(
       "probe",
       [](int device) {

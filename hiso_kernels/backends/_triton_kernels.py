@@ -27,7 +27,7 @@ from ._triton_generator import (
 
 _PROGRAM_INTS = ["n_rounds"]
 _PROGRAM_PTRS = ["slots_ptr", "chunks_ptr", "seeds_ptr", "dirs_ptr", "coef_x_ptr", "coef_h_ptr", "round_start_ptr",
-                 "round_wd_ptr", "round_rseed_ptr"]
+                 "round_wd_ptr", "round_rseed_ptr", "round_flags_ptr"]
 
 
 @triton.jit
@@ -84,6 +84,7 @@ def zo_program_kernel(
     round_start_ptr,
     round_wd_ptr,
     round_rseed_ptr,
+    round_flags_ptr,
     n_rounds: tl.int32,
     beta,
     one_minus_beta,
@@ -171,13 +172,16 @@ def zo_program_kernel(
         wd = tl.load(round_wd_ptr + r)
         y = x - (step + wd * x)
         if HAS_H:
+            # rounds without the ROUND_UPDATES_H flag leave H as it is (a perturbation fused with a HiSo update)
             if RULE == RULE_GSQ:
+                updates_h = (tl.load(round_flags_ptr + r) & 1) != 0
                 gh = tl.div_rn(acc_h, s)
                 hn = beta * h + one_minus_beta * (gh * gh)
-                h = tl.where(hn >= h_min, hn, h_min)
+                h = tl.where(updates_h, tl.where(hn >= h_min, hn, h_min), h)
             elif RULE == RULE_STEIN:
+                updates_h = (tl.load(round_flags_ptr + r) & 1) != 0
                 hn = beta * h + one_minus_beta * (h * acc_h)
-                h = tl.where(hn >= h_min, hn, h_min)
+                h = tl.where(updates_h, tl.where(hn >= h_min, hn, h_min), h)
         if DTYPE == F32:
             x = y
         else:

@@ -56,6 +56,49 @@ class Backend(abc.ABC):
         p < n_dirs and the index range. Its time is the generator term of a fused kernel's roofline."""
         raise NotImplementedError
 
+    def log_support(self) -> tuple[bool, str]:
+        """(whether :meth:`apply_logged` runs in the kernel here, why or why not)."""
+        return False, "no in-kernel undo log in this backend yet"
+
+    def apply_logged(
+        self,
+        params: list[torch.Tensor],
+        hessian: list[torch.Tensor] | None,
+        offsets: list[int],
+        program: Program,
+        n_apply: int,
+    ) -> KernelLog:
+        """Apply rounds ``[0, n_apply)`` of ``program`` in place, simulate the remaining rounds in registers, and
+        return the log of the elements whose simulated value differs (bit for bit) from their value before the call,
+        with that value. Inputs are validated (no round updates H; 1 <= n_apply < rounds)."""
+        raise NotImplementedError(self.log_support()[1])
+
+
+class KernelLog(abc.ABC):
+    """The undo log of a logged program: the elements that the simulated rounds do not bring back to their bits,
+    with their values from before the program. It refers to the tensors it was made on (kept alive by it), which
+    must not move or be resized before :meth:`restore`."""
+
+    @property
+    @abc.abstractmethod
+    def numel(self) -> int:
+        """Number of logged elements."""
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Memory held by the log."""
+
+    @abc.abstractmethod
+    def restore(self) -> None:
+        """Write the saved values into the tensors (after the real restore ran: the log is exact only then)."""
+
+    @abc.abstractmethod
+    def advance(self, program: Program) -> None:
+        """The saved values become what ``program`` makes of them, with H read from the tensors (not written): call
+        it before a dense pass that runs ``program`` after the restore rounds, then :meth:`restore` after it, and the
+        logged elements end where the program takes their exact original values (the fused restore + update)."""
+
 
 class LaunchPlan:
     """Tensor slots and chunk table for one dtype group: the multi-tensor form the fused kernels consume.
@@ -157,7 +200,8 @@ def native_program_args(plan: LaunchPlan, program: Program, has_h: bool) -> dict
         rule=int(program.rule), distribution=int(program.distribution), seeds=program.seeds.data_ptr(),
         dirs=program.dirs.data_ptr(), coef_x=program.coef_x.data_ptr(), coef_h=program.coef_h.data_ptr(),
         round_start=program.round_start.data_ptr(), round_wd=program.round_wd.data_ptr(),
-        round_rseed=program.round_rseed.data_ptr(), n_rounds=program.n_rounds, beta=program.beta,
+        round_rseed=program.round_rseed.data_ptr(), round_flags=program.round_flags.data_ptr(),
+        n_rounds=program.n_rounds, beta=program.beta,
         one_minus_beta=program.one_minus_beta, h_min=program.h_min,
     )
 

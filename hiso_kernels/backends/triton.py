@@ -85,7 +85,8 @@ class TritonBackend(Backend):
                 plan = self._plans.get(p, h, o, block, device)
                 zo_program_kernel[(plan.n_chunks,)](
                     plan.slots, plan.chunks, prog.seeds, prog.dirs, prog.coef_x, prog.coef_h, prog.round_start,
-                    prog.round_wd, prog.round_rseed, prog.n_rounds, prog.beta, prog.one_minus_beta, prog.h_min,
+                    prog.round_wd, prog.round_rseed, prog.round_flags, prog.n_rounds, prog.beta, prog.one_minus_beta,
+                    prog.h_min,
                     BLOCK_GROUPS=block, DTYPE=int(DTYPE_CODES[dtype]), HAS_H=h is not None,
                     RULE=int(prog.rule) if h is not None else int(CurvatureRule.NONE), DIST=int(prog.distribution),
                     ALIGNED=aligned, num_warps=self.NUM_WARPS, enable_fp_fusion=False,
