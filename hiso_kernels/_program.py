@@ -271,6 +271,22 @@ def program_from_tensors(tensors: Sequence[torch.Tensor], distribution: int, rul
                    one_minus_beta=float(one_minus_beta), h_min=float(h_min))
 
 
+def sub_program(prog: Program, start: int, stop: int) -> Program:
+    """Rounds ``[start, stop)`` of a (CPU) program as a program of their own, with the same rule and constants: the
+    applied and the simulated parts of a logged run, for backends that simulate on scratch copies."""
+    if not 0 <= start < stop <= prog.n_rounds:
+        raise ValueError(f"rounds [{start}, {stop}) are not a non-empty range of the program's {prog.n_rounds}")
+    starts = prog.round_start.tolist()
+    t0, t1 = starts[start], starts[stop]
+    arrays = {"seeds": prog.seeds.tolist()[t0:t1], "dirs": prog.dirs.tolist()[t0:t1],
+              "round_start": [s - t0 for s in starts[start:stop + 1]],
+              "round_rseed": prog.round_rseed.tolist()[start:stop], "coef_x": prog.coef_x.tolist()[t0:t1],
+              "coef_h": prog.coef_h.tolist()[t0:t1], "round_wd": prog.round_wd.tolist()[start:stop],
+              "round_flags": prog.round_flags.tolist()[start:stop]}
+    return Program(**pack(arrays), distribution=prog.distribution, rule=prog.rule, beta=prog.beta,
+                   one_minus_beta=prog.one_minus_beta, h_min=prog.h_min)
+
+
 # ------------------------------------------------------------------------------------------------ device copies
 class _DevicePrograms:
     """Device copies of recent programs, keyed by device, stream and content: a MeZO step perturbs with the same

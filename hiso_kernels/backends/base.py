@@ -57,8 +57,9 @@ class Backend(abc.ABC):
         raise NotImplementedError
 
     def log_support(self) -> tuple[bool, str]:
-        """(whether :meth:`apply_logged` runs in the kernel here, why or why not)."""
-        return False, "no in-kernel undo log in this backend yet"
+        """(whether :meth:`apply_logged` runs inside the kernel here, how it runs)."""
+        return False, ("no in-kernel undo log in this backend yet: logged runs simulate on scratch copies, chunk by "
+                       "chunk (today's path: the applied pass plus two copies and the simulated passes per chunk)")
 
     def apply_logged(
         self,
@@ -68,10 +69,63 @@ class Backend(abc.ABC):
         program: Program,
         n_apply: int,
     ) -> KernelLog:
-        """Apply rounds ``[0, n_apply)`` of ``program`` in place, simulate the remaining rounds in registers, and
-        return the log of the elements whose simulated value differs (bit for bit) from their value before the call,
-        with that value. Inputs are validated (no round updates H; 1 <= n_apply < rounds)."""
-        raise NotImplementedError(self.log_support()[1])
+        """Apply rounds ``[0, n_apply)`` of ``program`` in place, simulate the remaining rounds, and return the log of
+        the elements whose simulated value differs (bit for bit) from their value before the call, with that value.
+        Inputs are validated (no round updates H; 1 <= n_apply < rounds). This default simulates on scratch copies
+        (:func:`chunked_logged_run`); backends with an in-kernel log override it."""
+        return chunked_logged_run(self, params, hessian, offsets, program, n_apply)
+
+
+#: elements per chunk of :func:`chunked_logged_run` (1 Mi: 4 MiB of scratch per copy in fp32)
+LOG_CHUNK = 1 << 20
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def chunked_logged_run(backend: Backend, params, hessian, offsets, program: Program, n_apply: int,
+                       chunk: int = LOG_CHUNK) -> KernelLog:
+    """A logged run out of plain runs: per chunk of about ``chunk`` elements (consecutive in global index, across
+    tensors), save a copy, apply the applied rounds, simulate the others on a second copy with the same kernel (so
+    the simulation is bit-exact), and keep the elements that do not come back. Transient memory: two chunks."""
+    from .._program import sub_program
+    from .reference import IndexLog
+
+    head, tail = sub_program(program, 0, n_apply), sub_program(program, n_apply, program.n_rounds)
+    flats = [p.detach().view(-1) for p in params]
+    h_flats = None if hessian is None else [h.detach().view(-1) for h in hessian]
+    entries = []
+    group: list[tuple[int, int, int]] = []
+    size = 0
+
+    def flush():
+        views = [flats[i][a:b] for i, a, b in group]
+        h_views = None if h_flats is None else [h_flats[i][a:b] for i, a, b in group]
+        offs = [offsets[i] + a for i, a, _ in group]
+        saved = [v.clone() for v in views]
+        backend.apply(views, h_views, offs, head)
+        sim = [v.clone() for v in views]
+        backend.apply(sim, h_views, offs, tail)
+        for (i, a, _), s_view, o_view in zip(group, sim, saved):
+            bad = (_bits(s_view) != _bits(o_view)).nonzero().view(-1)
+            if bad.numel():
+                entries.append((flats[i], None if h_flats is None else h_flats[i], offsets[i], bad + a,
+                                o_view.index_select(0, bad)))
+
+    for i, x in enumerate(flats):
+        begin, n = 0, x.numel()
+        while begin < n:
+            take = min(n - begin, chunk - size)
+            group.append((i, begin, begin + take))
+            size += take
+            begin += take
+            if size >= chunk:
+                flush()
+                group, size = [], 0
+    if group:
+        flush()
+    return IndexLog(entries)
 
 
 class KernelLog(abc.ABC):

@@ -12,7 +12,7 @@ import torch
 from .. import spec
 from .._program import Program
 from ..spec import CurvatureRule, Distribution
-from .base import Backend, KernelLog
+from .base import Backend, KernelLog, _bits
 
 _M32 = spec.MASK32
 
@@ -222,15 +222,13 @@ def apply_tensor(x: torch.Tensor, h: torch.Tensor | None, offset: int, prog: Pro
         h.copy_(hv.view_as(h))
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
-
-
-class ReferenceLog(KernelLog):
-    """Per tensor: the local indices of the logged elements and their saved values (in the tensor's dtype)."""
+class IndexLog(KernelLog):
+    """An undo log as index lists: per tensor, the positions of the logged elements and their saved values (in the
+    tensor's dtype). The reference backend's log, and every backend's fallback (``base.chunked_logged_run``); its
+    :meth:`advance` runs the reference arithmetic on the logged elements only (any device)."""
 
     def __init__(self, entries):
-        self._entries = entries  # (x, h or None, offset, local indices int64, saved values)
+        self._entries = entries  # (flat x, flat h or None, offset of x[0], positions int64, saved values)
 
     @property
     def numel(self) -> int:
@@ -279,7 +277,7 @@ class ReferenceBackend(Backend):
         with torch.no_grad():
             for i, x in enumerate(params):
                 h = None if hessian is None else hessian[i]
-                flat = x.view(-1)
+                flat = x.detach().view(-1)
                 x0 = flat.clone()
                 hv = None if h is None else h.reshape(-1)
                 source = _dense(offsets[i], x.numel(), program, x.device)
@@ -288,8 +286,8 @@ class ReferenceBackend(Backend):
                 bad = (_bits(sim.to(x.dtype)) != _bits(x0)).nonzero().view(-1)
                 flat.copy_(xv.to(x.dtype))
                 if bad.numel():
-                    entries.append((x, h, offsets[i], bad, x0.index_select(0, bad)))
-        return ReferenceLog(entries)
+                    entries.append((flat, hv, offsets[i], bad, x0.index_select(0, bad)))
+        return IndexLog(entries)
 
     def directions(self, seed, direction, offset, numel, distribution, device) -> torch.Tensor:
         return directions_tensor(seed, direction, offset, numel, distribution, device)
