@@ -95,12 +95,13 @@ class BoundParams:
         if not self.empty:
             self.backend.apply(self.params, self.hessian, self.offsets, program)
 
-    def apply_logged(self, program: Program, n_apply: int) -> KernelLog:
+    def apply_logged(self, program: Program, n_apply: int, chunk: int | None = None) -> KernelLog:
         """Apply rounds ``[0, n_apply)`` of ``program`` and return the undo log of the elements that the remaining
         rounds (simulated, not stored) would not bring back to their bits from before this call. The program must
         not update H. After those rounds have really run (with this binding), ``log.restore()`` makes the tensors
         equal, bit for bit, to what they were; ``log.advance(q)`` before a run of ``rest + q`` (the rounds, then a
-        program q in the same pass) makes ``log.restore()`` leave them at q applied to their original bits."""
+        program q in the same pass) makes ``log.restore()`` leave them at q applied to their original bits.
+        ``chunk``: elements per scratch copy where the backend has no in-kernel log (see :attr:`log_support`)."""
         if isinstance(n_apply, bool) or not isinstance(n_apply, int) or not 1 <= n_apply < program.n_rounds:
             raise ValueError(f"n_apply must be in [1, {program.n_rounds}) (applied rounds, then simulated ones)")
         if program.updates_hessian():
@@ -111,7 +112,7 @@ class BoundParams:
             from .backends.reference import IndexLog
 
             return IndexLog([])
-        return self.backend.apply_logged(self.params, self.hessian, self.offsets, program, n_apply)
+        return self.backend.apply_logged(self.params, self.hessian, self.offsets, program, n_apply, chunk)
 
     @property
     def log_support(self) -> tuple[bool, str]:

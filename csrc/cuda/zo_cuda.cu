@@ -32,9 +32,25 @@ struct alignas(8) Vec4<uint16_t> {
   uint16_t v[4];
 };
 
-template <class S, bool HAS_H, int RULE, int DIST>
+__device__ __forceinline__ uint32_t raw_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t raw_bits(uint16_t v) { return v; }
+template <class Raw>
+__device__ __forceinline__ Raw from_bits(uint32_t b);
+template <>
+__device__ __forceinline__ float from_bits<float>(uint32_t b) {
+  return __uint_as_float(b);
+}
+template <>
+__device__ __forceinline__ uint16_t from_bits<uint16_t>(uint32_t b) {
+  return static_cast<uint16_t>(b);
+}
+
+// LOG: a logged launch (see LogArgs in zo_cuda.h); RULE is then kRuleNone. Its threads outside the tensor stay to the
+// end (the warp's reservation needs all 32 lanes).
+template <class S, bool HAS_H, int RULE, int DIST, bool LOG>
 __global__ void __launch_bounds__(kGroupsPerChunk)
-    zo_program_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog) {
+    zo_program_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog,
+                      LogArgs log) {
   using Raw = typename S::Raw;
   const int64_t chunk = blockIdx.x;
   const int64_t slot = chunks[2 * chunk];
@@ -45,7 +61,8 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
   const int64_t numel = s[2];
   const int64_t offset = s[3];
   const int64_t local0 = static_cast<int64_t>(4 * g) - offset;
-  if (local0 >= numel || local0 + 4 <= 0) return;  // this thread's group lies outside the tensor
+  const bool active = !(local0 >= numel || local0 + 4 <= 0);
+  if (!LOG && !active) return;  // this thread's group lies outside the tensor
   const bool full = local0 >= 0 && local0 + 4 <= numel;
   // Whole aligned groups move as one 8- or 16-byte access.
   const bool vec = full && (reinterpret_cast<uintptr_t>(x + local0) % sizeof(Vec4<Raw>) == 0) &&
@@ -77,9 +94,23 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
     }
   }
 
+  uint32_t orig[4], app[4];  // LOG: the stored bits, and those after the applied rounds
+  if (LOG) {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = local0 + l;
+      orig[l] = (i >= 0 && i < numel) ? raw_bits(x[i]) : 0u;
+      app[l] = orig[l];
+    }
+  }
+
   int64_t last_seed = -1, last_dir = -1;  // a term with the previous term's direction reuses its values
   float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t r = 0; r < prog.n_rounds; ++r) {
+    if (LOG && r == log.n_apply) {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) app[l] = S::kRoundsDown ? raw_bits(raw[l]) : raw_bits(xv[l]);
+    }
     float ax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float ah[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int64_t t_end = __ldg(prog.round_start + r + 1);
@@ -125,7 +156,52 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
 #pragma unroll
     for (int l = 0; l < 4; ++l) raw[l] = static_cast<Raw>(xv[l]);
   }
-  constexpr bool kWritesH = HAS_H && RULE != kRuleNone;
+  if (LOG) {
+    int bad[4];
+    int count = 0;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = local0 + l;
+      bad[l] = (i >= 0 && i < numel && raw_bits(raw[l]) != orig[l]) ? 1 : 0;
+      count += bad[l];
+    }
+    const int lane = threadIdx.x & 31;
+    int incl = count;  // inclusive prefix sum of the counts over the warp
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    const int total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+    unsigned long long base = 0;
+    if (lane == 0 && total > 0) base = atomicAdd(log.counts, static_cast<unsigned long long>(total));
+    // broadcast as two 32-bit halves (the 64-bit __shfl_sync overload goes through a stack slot)
+    const unsigned int lo = __shfl_sync(0xFFFFFFFFu, static_cast<unsigned int>(base), 0);
+    const unsigned int hi = __shfl_sync(0xFFFFFFFFu, static_cast<unsigned int>(base >> 32), 0);
+    base = (static_cast<unsigned long long>(hi) << 32) | lo;
+    const bool fits = base + static_cast<unsigned long long>(total) <= static_cast<unsigned long long>(log.capacity);
+    if (!fits) {
+      if (lane == 0) log.skip[chunk * kWarpsPerChunk + (threadIdx.x >> 5)] = 1;
+      return;  // the warp's elements stay as they were
+    }
+    if (lane == 0 && total > 0) atomicAdd(log.counts + 1, static_cast<unsigned long long>(total));
+    int64_t at = static_cast<int64_t>(base) + incl - count;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (bad[l]) {
+        log.index[at] = offset + local0 + l;
+        if (sizeof(Raw) == 4) {
+          static_cast<uint32_t*>(log.value)[at] = orig[l];
+        } else {
+          static_cast<uint16_t*>(log.value)[at] = static_cast<uint16_t>(orig[l]);
+        }
+        ++at;
+      }
+      raw[l] = from_bits<Raw>(app[l]);
+    }
+    if (!active) return;
+  }
+  constexpr bool kWritesH = HAS_H && RULE != kRuleNone && !LOG;
   if (vec) {
     Vec4<Raw> xr;
 #pragma unroll
@@ -190,14 +266,25 @@ __global__ void __launch_bounds__(kGroupsPerChunk) directions_sum_kernel(uint64_
   }
 }
 
-template <class S, bool HAS_H, int RULE>
+template <class S, bool HAS_H, int RULE, bool LOG = false>
 void launch_dist(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int distribution,
-                 const Program& prog, cudaStream_t stream) {
+                 const Program& prog, cudaStream_t stream, const LogArgs& log = LogArgs{}) {
   const dim3 grid(static_cast<unsigned int>(n_chunks));
   if (distribution == kGaussian) {
-    zo_program_kernel<S, HAS_H, RULE, kGaussian><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog);
+    zo_program_kernel<S, HAS_H, RULE, kGaussian, LOG><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog, log);
   } else {
-    zo_program_kernel<S, HAS_H, RULE, kRademacher><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog);
+    zo_program_kernel<S, HAS_H, RULE, kRademacher, LOG>
+        <<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog, log);
+  }
+}
+
+template <class S>
+void launch_logged_storage(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, bool has_h,
+                           int distribution, const Program& prog, const LogArgs& log, cudaStream_t stream) {
+  if (has_h) {
+    launch_dist<S, true, kRuleNone, true>(slots, chunks, n_chunks, distribution, prog, stream, log);
+  } else {
+    launch_dist<S, false, kRuleNone, true>(slots, chunks, n_chunks, distribution, prog, stream, log);
   }
 }
 
@@ -243,6 +330,29 @@ void launch_program(const int64_t* slots, const int64_t* chunks, int64_t n_chunk
       throw std::invalid_argument("hiso CUDA: unknown dtype code");
   }
   check(cudaGetLastError(), "zo_program_kernel launch");
+}
+
+void launch_logged(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int dtype, bool has_h,
+                   int distribution, const Program& prog, const LogArgs& log, void* stream_ptr) {
+  if (n_chunks <= 0) return;
+  if (n_chunks > 0x7FFFFFFF) throw std::invalid_argument("hiso CUDA: too many chunks for one launch");
+  if (log.n_apply < 1 || log.n_apply >= prog.n_rounds)
+    throw std::invalid_argument("hiso CUDA: a logged launch needs 1 <= n_apply < n_rounds");
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  switch (dtype) {
+    case kFloat32:
+      launch_logged_storage<StoreF32>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
+      break;
+    case kBFloat16:
+      launch_logged_storage<StoreBF16>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
+      break;
+    case kFloat16:
+      launch_logged_storage<StoreF16>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
+      break;
+    default:
+      throw std::invalid_argument("hiso CUDA: unknown dtype code");
+  }
+  check(cudaGetLastError(), "zo_program_kernel (logged) launch");
 }
 
 void launch_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, float* out,
@@ -295,7 +405,7 @@ std::string probe_device(int device, int* binary_version) {
     return cudaGetErrorString(err);
   }
   cudaFuncAttributes attr;
-  err = cudaFuncGetAttributes(&attr, zo_program_kernel<StoreBF16, true, kRuleGsq, kGaussian>);
+  err = cudaFuncGetAttributes(&attr, zo_program_kernel<StoreBF16, true, kRuleGsq, kGaussian, false>);
   cudaSetDevice(previous);
   if (err != cudaSuccess) {
     cudaGetLastError();  // e.g. "no kernel image is available for execution on the device"

@@ -68,12 +68,14 @@ class Backend(abc.ABC):
         offsets: list[int],
         program: Program,
         n_apply: int,
+        chunk: int | None = None,
     ) -> KernelLog:
         """Apply rounds ``[0, n_apply)`` of ``program`` in place, simulate the remaining rounds, and return the log of
         the elements whose simulated value differs (bit for bit) from their value before the call, with that value.
         Inputs are validated (no round updates H; 1 <= n_apply < rounds). This default simulates on scratch copies
-        (:func:`chunked_logged_run`); backends with an in-kernel log override it."""
-        return chunked_logged_run(self, params, hessian, offsets, program, n_apply)
+        of ``chunk`` elements (:func:`chunked_logged_run`); backends with an in-kernel log override it (and ignore
+        ``chunk``: they need no scratch)."""
+        return chunked_logged_run(self, params, hessian, offsets, program, n_apply, chunk or LOG_CHUNK)
 
 
 #: elements per chunk of :func:`chunked_logged_run` (1 Mi: 4 MiB of scratch per copy in fp32)
@@ -126,6 +128,45 @@ def chunked_logged_run(backend: Backend, params, hessian, offsets, program: Prog
     if group:
         flush()
     return IndexLog(entries)
+
+
+def device_log(backend: Backend, p, h, o, plan: LaunchPlan, index, value, counts, skip, program: Program,
+               n_apply: int, chunk: int | None, unit_groups: int) -> list:
+    """The entries (:class:`~hiso_kernels.backends.reference.IndexLog` form) of a GPU kernel's logged launch over
+    one launch group: ``index`` / ``value`` / ``counts`` (reserved, written) as the kernel left them, grouped by
+    tensor. Where the log overflowed, the units flagged in ``skip`` (``unit_groups`` groups each, the units of chunk
+    c numbered from c * groups_per_chunk / unit_groups) were left untouched: they go through
+    :func:`chunked_logged_run` here."""
+    reserved, used = counts.tolist()
+    j = index[:used]
+    values = value[:used].view(p[0].dtype)
+    starts = torch.tensor(o, dtype=torch.int64, device=j.device)
+    slot = torch.searchsorted(starts, j, right=True) - 1  # the tensor of each entry (offsets ascend in a group)
+    order = torch.argsort(slot, stable=True)
+    slot, j, values = slot[order], j[order], values[order]
+    sizes = torch.bincount(slot, minlength=len(p)).tolist()
+    entries = []
+    for i, (js, vs) in enumerate(zip(j.split(sizes), values.split(sizes))):
+        if js.numel():
+            entries.append((p[i].detach().view(-1), None if h is None else h[i].view(-1), o[i], js - o[i], vs))
+    if reserved > used:  # some programs overflowed and left their elements as they were
+        per_chunk = plan.groups_per_chunk // unit_groups
+        chunks = plan.chunks.cpu()
+        views, h_views, offs = [], [], []
+        for u in skip.nonzero().view(-1).tolist():
+            i, g_first = chunks[u // per_chunk].tolist()
+            g_first += (u % per_chunk) * unit_groups
+            start = max(0, 4 * g_first - o[i])
+            stop = min(p[i].numel(), 4 * (g_first + unit_groups) - o[i])
+            if start < stop:
+                views.append(p[i].detach().view(-1)[start:stop])
+                h_views.append(None if h is None else h[i].view(-1)[start:stop])
+                offs.append(o[i] + start)
+        if views:
+            log = chunked_logged_run(backend, views, None if h is None else h_views, offs, program, n_apply,
+                                     chunk or LOG_CHUNK)
+            entries += log._entries  # type: ignore[attr-defined]
+    return entries
 
 
 class KernelLog(abc.ABC):

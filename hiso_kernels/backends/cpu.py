@@ -46,7 +46,7 @@ class CpuBackend(Backend):
             return False, "the built hiso_kernels._cpu predates the in-kernel undo log: rebuild it"
         return True, "in the kernel (one pass; per-chunk logs, no capacity limit)"
 
-    def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int) -> KernelLog:
+    def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None) -> KernelLog:
         threads = _threads(params, program)
         parts = []
         for p, h, o in group_by_dtype(params, hessian, offsets).values():

@@ -272,7 +272,7 @@ class ReferenceBackend(Backend):
     def log_support(self):
         return True, "simulated with the reference arithmetic"
 
-    def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int) -> KernelLog:
+    def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None) -> KernelLog:
         entries = []
         with torch.no_grad():
             for i, x in enumerate(params):
