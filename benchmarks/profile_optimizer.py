@@ -37,7 +37,8 @@ from hiso_kernels.backends import BACKENDS
 
 
 class PassCounter:
-    """Counts the elements every backend's ``apply`` touches (a program is one pass over the tensors it is given)."""
+    """Counts the elements every backend's ``apply`` and ``apply_logged`` touch (a program is one pass over the
+    tensors it is given; a logged run is one pass too, its simulated rounds stay in registers)."""
 
     def __init__(self):
         self.elements = 0
@@ -46,20 +47,26 @@ class PassCounter:
 
     def __enter__(self):
         for name, backend in BACKENDS.items():
-            original = backend.apply
-            self._saved[name] = original
+            self._saved[name] = (backend.apply, backend.apply_logged)
 
-            def counted(params, hessian, offsets, program, _original=original):
+            def counted(params, *args, _original=backend.apply, **kw):
                 self.elements += sum(p.numel() for p in params)
                 self.calls += 1
-                return _original(params, hessian, offsets, program)
+                return _original(params, *args, **kw)
+
+            def counted_logged(params, *args, _original=backend.apply_logged, **kw):
+                self.elements += sum(p.numel() for p in params)
+                self.calls += 1
+                return _original(params, *args, **kw)
 
             backend.apply = counted
+            backend.apply_logged = counted_logged
         return self
 
     def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            BACKENDS[name].apply = original
+        for name, (apply, logged) in self._saved.items():
+            BACKENDS[name].apply = apply
+            BACKENDS[name].apply_logged = logged
 
 
 def make_model(kind: str):

@@ -287,6 +287,22 @@ def sub_program(prog: Program, start: int, stop: int) -> Program:
                    one_minus_beta=prog.one_minus_beta, h_min=prog.h_min)
 
 
+def with_seed(prog: Program, seed: int) -> Program:
+    """A copy of a program (whose arrays share one buffer) with every term's seed set to ``seed`` (checked by the
+    caller): the optimizers' perturbations differ from step to step only in their seed. Only for programs without
+    stochastic rounding (whose rounding seeds derive from the terms' seeds)."""
+    buf = _shared_buffer(prog)
+    if buf is None or bool((prog.round_rseed >= 0).any()):
+        raise ValueError("with_seed needs a packed program without stochastic rounding")
+    copy = buf.clone()
+    fields: dict[str, Any] = {}
+    for (name, dtype), t in zip(TENSOR_FIELDS, prog.tensors()):
+        start = t.storage_offset() * t.element_size()
+        fields[name] = copy[start : start + t.numel() * t.element_size()].view(dtype)
+    fields["seeds"].fill_(seed)
+    return _with_fields(prog, fields)
+
+
 # ------------------------------------------------------------------------------------------------ device copies
 class _DevicePrograms:
     """Device copies of recent programs, keyed by device, stream and content: a MeZO step perturbs with the same

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from . import _validate as v
-from ._program import Program, Round, build_program
+from . import spec
+from ._program import Program, Round, build_program, with_seed
 from .backends import select_backend
 from .backends.base import KernelLog
 from .spec import CurvatureRule
@@ -65,6 +66,7 @@ class BoundParams:
         self.device = device
         self.empty = all(p.numel() == 0 for p in params)
         self._ptrs = [p.data_ptr() for p in self.params]
+        self._templates: dict[tuple, Program] = {}  # shift programs by (direction, sizes), seed 0
         self._key = _fingerprint(self.params + (self.hessian or []))
 
     # ------------------------------------------------------------------ validity
@@ -88,6 +90,27 @@ class BoundParams:
         if rule != CurvatureRule.NONE and rule != self.rule:
             raise ValueError(f"this binding's curvature rule is {self.rule.name.lower()!r}")
         return build_program(list(rounds), rule=rule, **self._settings)
+
+    def shift_program(self, seed: int, direction: int, alphas: Sequence[float]) -> Program:
+        """x <- x + alpha u(seed, direction) / sqrt(H) for each alpha in turn (one round each; H read, not written):
+        the perturbations of a ZO step. Built once per (direction, sizes) and re-seeded per call, so a step pays no
+        program building for them (with stochastic rounding, whose rounding seeds follow the seed, built each time).
+        On the CPU the returned program is valid until the next call (it is the re-seeded template)."""
+        rounds = [Round([seed], [direction], [-a], update_hessian=False) for a in alphas]
+        if self._settings["stochastic_rounding"]:
+            return self.program(rounds, "none")
+        v.check_int("seed", seed, 0, spec.SEED_MAX)
+        key = (direction, tuple(alphas))
+        template = self._templates.get(key)
+        if template is None:
+            if len(self._templates) >= 64:
+                self._templates.clear()
+            template = self._templates[key] = self.program([Round([0], [direction], [-a], update_hessian=False)
+                                                            for a in alphas], "none")
+        if self.device.type == "cpu":  # the CPU kernels are synchronous: re-seed the template itself
+            template.seeds.fill_(seed)
+            return template
+        return with_seed(template, seed)  # a copy: a GPU launch may still be reading the last one
 
     def apply(self, program: Program) -> None:
         """Run ``program`` in place (one pass over the bound tensors)."""

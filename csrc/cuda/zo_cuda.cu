@@ -45,12 +45,11 @@ __device__ __forceinline__ uint16_t from_bits<uint16_t>(uint32_t b) {
   return static_cast<uint16_t>(b);
 }
 
-// LOG: a logged launch (see LogArgs in zo_cuda.h); RULE is then kRuleNone. Its threads outside the tensor stay to the
-// end (the warp's reservation needs all 32 lanes).
+// The body of both kernels. LOG: a logged launch (see LogArgs in zo_cuda.h); RULE is then kRuleNone. Its threads
+// outside the tensor stay to the end (the warp's reservation needs all 32 lanes).
 template <class S, bool HAS_H, int RULE, int DIST, bool LOG>
-__global__ void __launch_bounds__(kGroupsPerChunk)
-    zo_program_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog,
-                      LogArgs log) {
+__device__ __forceinline__ void program_body(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks,
+                                             const Program& prog, const LogArgs& log) {
   using Raw = typename S::Raw;
   const int64_t chunk = blockIdx.x;
   const int64_t slot = chunks[2 * chunk];
@@ -94,15 +93,7 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
     }
   }
 
-  uint32_t orig[4], app[4];  // LOG: the stored bits, and those after the applied rounds
-  if (LOG) {
-#pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const int64_t i = local0 + l;
-      orig[l] = (i >= 0 && i < numel) ? raw_bits(x[i]) : 0u;
-      app[l] = orig[l];
-    }
-  }
+  uint32_t app[4] = {0u, 0u, 0u, 0u};  // LOG: the stored bits after the applied rounds (n_apply >= 1 sets them)
 
   int64_t last_seed = -1, last_dir = -1;  // a term with the previous term's direction reuses its values
   float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -157,12 +148,16 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
     for (int l = 0; l < 4; ++l) raw[l] = static_cast<Raw>(xv[l]);
   }
   if (LOG) {
+    // the stored bits from before the run, read again (x is written only below; fewer registers live in the loop)
+    uint32_t orig[4];
     int bad[4];
     int count = 0;
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t i = local0 + l;
-      bad[l] = (i >= 0 && i < numel && raw_bits(raw[l]) != orig[l]) ? 1 : 0;
+      const bool in = i >= 0 && i < numel;
+      orig[l] = in ? raw_bits(x[i]) : 0u;
+      bad[l] = (in && raw_bits(raw[l]) != orig[l]) ? 1 : 0;
       count += bad[l];
     }
     const int lane = threadIdx.x & 31;
@@ -220,6 +215,21 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
   }
 }
 
+template <class S, bool HAS_H, int RULE, int DIST>
+__global__ void __launch_bounds__(kGroupsPerChunk)
+    zo_program_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog) {
+  program_body<S, HAS_H, RULE, DIST, false>(slots, chunks, prog, LogArgs{});
+}
+
+// The logged variant. Minimum one block per SM: ptxas may then use the few more registers the log's state needs
+// (with the default it spilled 8 bytes in some variants).
+template <class S, bool HAS_H, int DIST>
+__global__ void __launch_bounds__(kGroupsPerChunk, 1)
+    zo_logged_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog,
+                     LogArgs log) {
+  program_body<S, HAS_H, kRuleNone, DIST, true>(slots, chunks, prog, log);
+}
+
 template <int DIST>
 __global__ void __launch_bounds__(kGroupsPerChunk)
     directions_kernel(uint64_t seed, uint32_t p, int64_t start, int64_t n, float* __restrict__ out) {
@@ -266,15 +276,25 @@ __global__ void __launch_bounds__(kGroupsPerChunk) directions_sum_kernel(uint64_
   }
 }
 
-template <class S, bool HAS_H, int RULE, bool LOG = false>
+template <class S, bool HAS_H, int RULE>
 void launch_dist(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int distribution,
-                 const Program& prog, cudaStream_t stream, const LogArgs& log = LogArgs{}) {
+                 const Program& prog, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>(n_chunks));
   if (distribution == kGaussian) {
-    zo_program_kernel<S, HAS_H, RULE, kGaussian, LOG><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog, log);
+    zo_program_kernel<S, HAS_H, RULE, kGaussian><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog);
   } else {
-    zo_program_kernel<S, HAS_H, RULE, kRademacher, LOG>
-        <<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog, log);
+    zo_program_kernel<S, HAS_H, RULE, kRademacher><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog);
+  }
+}
+
+template <class S, bool HAS_H>
+void launch_logged_dist(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int distribution,
+                        const Program& prog, const LogArgs& log, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(n_chunks));
+  if (distribution == kGaussian) {
+    zo_logged_kernel<S, HAS_H, kGaussian><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog, log);
+  } else {
+    zo_logged_kernel<S, HAS_H, kRademacher><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog, log);
   }
 }
 
@@ -282,9 +302,9 @@ template <class S>
 void launch_logged_storage(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, bool has_h,
                            int distribution, const Program& prog, const LogArgs& log, cudaStream_t stream) {
   if (has_h) {
-    launch_dist<S, true, kRuleNone, true>(slots, chunks, n_chunks, distribution, prog, stream, log);
+    launch_logged_dist<S, true>(slots, chunks, n_chunks, distribution, prog, log, stream);
   } else {
-    launch_dist<S, false, kRuleNone, true>(slots, chunks, n_chunks, distribution, prog, stream, log);
+    launch_logged_dist<S, false>(slots, chunks, n_chunks, distribution, prog, log, stream);
   }
 }
 
@@ -352,7 +372,7 @@ void launch_logged(const int64_t* slots, const int64_t* chunks, int64_t n_chunks
     default:
       throw std::invalid_argument("hiso CUDA: unknown dtype code");
   }
-  check(cudaGetLastError(), "zo_program_kernel (logged) launch");
+  check(cudaGetLastError(), "zo_logged_kernel launch");
 }
 
 void launch_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, float* out,
@@ -405,7 +425,7 @@ std::string probe_device(int device, int* binary_version) {
     return cudaGetErrorString(err);
   }
   cudaFuncAttributes attr;
-  err = cudaFuncGetAttributes(&attr, zo_program_kernel<StoreBF16, true, kRuleGsq, kGaussian, false>);
+  err = cudaFuncGetAttributes(&attr, zo_program_kernel<StoreBF16, true, kRuleGsq, kGaussian>);
   cudaSetDevice(previous);
   if (err != cudaSuccess) {
     cudaGetLastError();  // e.g. "no kernel image is available for execution on the device"

@@ -140,9 +140,9 @@ class Pending:
         try:
             for b in self._bounds:
                 if exact:
-                    self.logs.append(b.apply_logged(b.program(self._rounds(chain), "none"), 1, chunk))
+                    self.logs.append(b.apply_logged(b.shift_program(seed, p, chain), 1, chunk))
                 else:
-                    b.apply(b.program(self._rounds(chain[:1]), "none"))
+                    b.apply(b.shift_program(seed, p, chain[:1]))
                     self.logs.append(None)
         except BaseException:
             self.restore()  # the runs already perturbed
@@ -161,7 +161,7 @@ class Pending:
         if list(alphas) != self._remaining[:len(alphas)]:
             raise ValueError(f"the chain continues with {self._remaining}, not {list(alphas)}")
         for b in self._bounds[:len(self.logs)]:
-            b.apply(b.program(self._rounds(alphas), "none"))
+            b.apply(b.shift_program(self._seed, self._p, alphas))
         del self._remaining[:len(alphas)]
 
     def restore(self) -> None:
@@ -177,12 +177,12 @@ class Pending:
         self.closed = True
         for i, (b, log) in enumerate(zip(self._bounds, self.logs)):
             extra = list(updates[i]) if updates is not None else []
-            rounds = self._rounds(self._remaining) + extra
-            if not rounds:
-                continue
-            if log is not None and extra:
-                log.advance(b.program(extra))
-            b.apply(b.program(rounds) if extra else b.program(rounds, "none"))
+            if extra:
+                if log is not None:
+                    log.advance(b.program(extra))
+                b.apply(b.program(self._rounds(self._remaining) + extra))
+            elif self._remaining:
+                b.apply(b.shift_program(self._seed, self._p, self._remaining))
             if log is not None:
                 log.restore()
 

@@ -113,7 +113,7 @@ class CudaBackend(Backend):
                 _native.run_logged(**args, n_apply=n_apply, log_index=index.data_ptr(), log_value=value.data_ptr(),
                                    log_counts=counts.data_ptr(), log_skip=skip.data_ptr(), log_capacity=cap,
                                    stream=stream)
-                check_launch(device, "cuda zo_program_kernel (logged)")
+                check_launch(device, "cuda zo_logged_kernel")
                 entries += device_log(self, p, h, o, plan, index, value, counts, skip, program, n_apply, chunk, 32)
         return IndexLog(entries)
 
