@@ -19,6 +19,7 @@ The arithmetic is the same as the public functions' (the same programs run on th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ class BoundParams:
         if self.rule != CurvatureRule.NONE and h_views is None:
             raise ValueError(f"curvature rule {curvature_rule!r} updates H, so a hessian is required")
         # the settings every program of this binding is built with (checked here, once, by building one)
-        self._settings = dict(distribution=distribution, beta=beta, h_min=h_min,
+        self._settings: dict[str, Any] = dict(distribution=distribution, beta=beta, h_min=h_min,
                               stochastic_rounding=stochastic_rounding)
         build_program([Round([0], [0], [0.0])], rule=self.rule, **self._settings)
         self.backend = select_backend(device, backend)
@@ -65,6 +66,7 @@ class BoundParams:
         self.hessian = None if h_views is None else [h.detach() for h in h_views]
         self.device = device
         self.empty = all(p.numel() == 0 for p in params)
+        self._sources = list(params)  # the caller's tensors: a set_() or resize on them is seen by _check_unmoved
         self._ptrs = [p.data_ptr() for p in self.params]
         self._templates: dict[tuple, Program] = {}  # shift programs by (direction, sizes), seed 0
         self._key = _fingerprint(self.params + (self.hessian or []))
@@ -79,7 +81,7 @@ class BoundParams:
         return _fingerprint(list(params) + h) == self._key
 
     def _check_unmoved(self) -> None:
-        if [p.data_ptr() for p in self.params] != self._ptrs:
+        if [p.data_ptr() for p in self._sources] != self._ptrs:
             raise RuntimeError("a bound parameter was moved or resized since hiso_kernels.bind: bind again")
 
     # ------------------------------------------------------------------ programs and runs

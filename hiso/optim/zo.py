@@ -176,7 +176,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         out = []
         for b in self._bounds(layout, self._hessians(layout)):
             in_kernel, how = b.log_support
-            line = f"{b.backend.name}: " + ("in-kernel undo log" if in_kernel else "fallback") + f" ({how})"
+            line = f"{b.backend.name}: " + ("in the kernel" if in_kernel else "fallback") + f" ({how})"
             if line not in out:
                 out.append(line)
         return "; ".join(out)

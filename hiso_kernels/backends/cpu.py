@@ -44,7 +44,7 @@ class CpuBackend(Backend):
             return False, _IMPORT_ERROR
         if not hasattr(_native, "run_logged"):
             return False, "the built hiso_kernels._cpu predates the in-kernel undo log: rebuild it"
-        return True, "in the kernel (one pass; per-chunk logs, no capacity limit)"
+        return True, "one pass; per-chunk logs kept by each thread, no capacity limit"
 
     def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None) -> KernelLog:
         threads = _threads(params, program)

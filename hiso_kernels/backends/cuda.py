@@ -86,8 +86,8 @@ class CudaBackend(Backend):
             return False, why
         if not hasattr(_native, "run_logged"):
             return False, "the built hiso_kernels._cuda predates the in-kernel undo log: rebuild it"
-        return True, (f"in the kernel (one pass; an atomic reservation per warp in a log of 1/{self.LOG_FRACTION} of "
-                      "the elements; a warp that overflows it falls back to the chunked path)")
+        return True, (f"one pass; an atomic reservation per warp in a log of 1/{self.LOG_FRACTION} of the "
+                      "elements; a warp that overflows it falls back to the chunked path for its elements")
 
     def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None,
                      capacity: int | None = None) -> KernelLog:

@@ -157,7 +157,7 @@ def directions_at(seed: int, p: int, j: torch.Tensor, distribution: Distribution
     if distribution == Distribution.GAUSSIAN:
         z0, z1 = gaussian_pair(w[0], w[1])
         z2, z3 = gaussian_pair(w[2], w[3])
-        lanes = (z0, z1, z2, z3)
+        lanes: tuple = (z0, z1, z2, z3)
     else:
         lanes = tuple(_rademacher(v) for v in w)
     return torch.stack(lanes, dim=1).gather(1, (j & 3).view(-1, 1)).view(-1)
@@ -270,7 +270,7 @@ class ReferenceBackend(Backend):
                 apply_tensor(x, None if hessian is None else hessian[i], offsets[i], program)
 
     def log_support(self):
-        return True, "simulated with the reference arithmetic"
+        return True, "the reference arithmetic on whole tensors (a copy of each; the test oracle)"
 
     def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None) -> KernelLog:
         entries = []

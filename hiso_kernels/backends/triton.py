@@ -122,8 +122,8 @@ class TritonBackend(Backend):
         ok, why = self.availability()
         if not ok:
             return False, why
-        return True, (f"in the kernel (one pass; an atomic reservation per program in a log of 1/{self.LOG_FRACTION} "
-                      "of the elements; a program that overflows it falls back to the chunked path for its chunk)")
+        return True, (f"one pass; an atomic reservation per program in a log of 1/{self.LOG_FRACTION} of the "
+                      "elements; a program that overflows it falls back to the chunked path for its chunk")
 
     def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None,
                      capacity: int | None = None) -> KernelLog:
