@@ -69,7 +69,6 @@ def test_every_triton_variant_compiles(version, tmp_path):
         if cx.get("LOG"):
             # the logged variant counts and places its log entries with a block-wide sum and prefix sum (shared
             # memory and barriers, once per program after the rounds) for its one atomic reservation
-            assert not any(v["ptx_forbidden"].values()), where
             continue
         assert ptx["bar.sync"] == 0 and ptx["ld.shared"] == 0, f"{where}: barriers or shared memory {ptx}"
         if name == "zo_program_kernel" and cx["ALIGNED"]:
