@@ -37,7 +37,8 @@ from hiso_kernels.backends import BACKENDS
 
 
 class PassCounter:
-    """Counts the elements every backend's ``apply`` touches (a program is one pass over the tensors it is given)."""
+    """Counts the elements every backend's ``apply`` and ``apply_logged`` touch (a program is one pass over the
+    tensors it is given; a logged run is one pass too, its simulated rounds stay in registers)."""
 
     def __init__(self):
         self.elements = 0
@@ -46,20 +47,26 @@ class PassCounter:
 
     def __enter__(self):
         for name, backend in BACKENDS.items():
-            original = backend.apply
-            self._saved[name] = original
+            self._saved[name] = (backend.apply, backend.apply_logged)
 
-            def counted(params, hessian, offsets, program, _original=original):
+            def counted(params, *args, _original=backend.apply, **kw):
                 self.elements += sum(p.numel() for p in params)
                 self.calls += 1
-                return _original(params, hessian, offsets, program)
+                return _original(params, *args, **kw)
+
+            def counted_logged(params, *args, _original=backend.apply_logged, **kw):
+                self.elements += sum(p.numel() for p in params)
+                self.calls += 1
+                return _original(params, *args, **kw)
 
             backend.apply = counted
+            backend.apply_logged = counted_logged
         return self
 
     def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            BACKENDS[name].apply = original
+        for name, (apply, logged) in self._saved.items():
+            BACKENDS[name].apply = apply
+            BACKENDS[name].apply_logged = logged
 
 
 def make_model(kind: str):
@@ -101,8 +108,10 @@ def eager_mezo_step(params, loss_fn, seed, mu, lr, num_directions):
             p.data = p.data - lr * g / num_directions * z
 
 
-def profile(kind: str, variant: str, steps: int, warmup: int) -> dict:
+def profile(kind: str, variant: str, steps: int, warmup: int, trivial: bool = False) -> dict:
     model, loss_fn, num_directions = make_model(kind)
+    if trivial:  # the step's own work only: the closure returns a constant (no forward)
+        loss_fn = lambda: 0.0  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
     forward_s = [0.0]
@@ -139,7 +148,8 @@ def profile(kind: str, variant: str, steps: int, warmup: int) -> dict:
             "step_s": statistics.median(totals), "step_p20_s": bl.percentile(totals, 20),
             "step_p80_s": bl.percentile(totals, 80), "outside_s": statistics.median(outside),
             "outside_share": statistics.median(o / t for o, t in zip(outside, totals)),
-            "passes": statistics.median(passes), "kernel_calls": statistics.median(calls), "steps": steps}
+            "passes": statistics.median(passes), "kernel_calls": statistics.median(calls), "steps": steps,
+            "trivial_closure": trivial}
 
 
 VARIANTS = ("zosgd", "zosgd-no-exact-restore", "hiso", "hiso-no-exact-restore", "eager")
@@ -150,7 +160,10 @@ def markdown(rows: list[dict], cond: dict) -> str:
            f"{cond['cpu_model']}, {cond['cpu_count']} CPUs, {cond['torch_threads']} torch threads, torch "
            f"{cond['torch']}, commit {cond.get('git_commit')}; load average at start "
            f"{cond['load_average_1_5_15'][0]:.2f}, at end {cond['load_average_at_end'][0]:.2f}. fp32 parameters, "
-           "central differences, defaults otherwise (exact restore on for fp32).", "",
+           "central differences, defaults otherwise (exact restore on for fp32)."
+           + (" Trivial closure (returns 0.0, no forward pass)." if any(r.get("trivial_closure") for r in rows)
+              else ""),
+           "",
            "| model | variant | step (median, p20-p80) | outside the forwards | passes over parameters | "
            "kernel calls | vs eager MeZO |", "|---|---|---|---|---|---|---|"]
     eager = {r["model"]: r["step_s"] for r in rows if r["variant"] == "eager"}
@@ -176,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=bl.RESULTS_DIR)
     p.add_argument("--tag", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--trivial-closure", action="store_true",
+                   help="a closure that returns 0.0 (no forward): the step's own cost, e.g. exact restore's")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +199,7 @@ def main(argv=None) -> int:
     for kind in args.models:
         steps = args.steps or (40 if kind == "mlp" else 3)
         for variant in args.variants:
-            row = profile(kind, variant, steps, args.warmup)
+            row = profile(kind, variant, steps, args.warmup, args.trivial_closure)
             rows.append(row)
             print(f"{kind:8s} {variant:24s} step {_t(row['step_s'])}  outside {100 * row['outside_share']:.1f}%  "
                   f"passes {row['passes']:.2f}  calls {row['kernel_calls']:.0f}", flush=True)

@@ -15,16 +15,19 @@ from __future__ import annotations
 from ._program import Round
 from ._version import __version__
 from .backends import available_backends
+from .bound import BoundParams, bind
 from .ops import directions, global_offsets, hiso_round_, perturb_, replay_, zo_update_
 from .spec import SPEC_VERSION, CurvatureRule, Distribution
 
 __all__ = [
     "SPEC_VERSION",
+    "BoundParams",
     "CurvatureRule",
     "Distribution",
     "Round",
     "__version__",
     "available_backends",
+    "bind",
     "directions",
     "global_offsets",
     "hiso_round_",

@@ -3,9 +3,9 @@
 A round is a list of terms (seed, direction index, x coefficient a, curvature coefficient b) plus the round's weight
 decay and stochastic-rounding seed. Every public operation (perturb, update, HiSo round, replay) is a program of one
 or more rounds, so each backend needs exactly one fused kernel. The public functions build and validate a program
-once (:func:`build_program`) and hand its seven arrays to the ``hiso::apply_program_`` op as tensors.
+once (:func:`build_program`) and hand its eight arrays to the ``hiso::apply_program_`` op as tensors.
 
-The seven arrays are views of one byte buffer (pinned when the parameters are on a GPU), so a GPU backend moves a
+The eight arrays are views of one byte buffer (pinned when the parameters are on a GPU), so a GPU backend moves a
 program with one asynchronous copy, and a program seen recently on a device is not copied again
 (:func:`device_program`).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,8 @@ class Round:
 
     ``curvature_coefficients`` (b_i) feed the H update (see :class:`~hiso_kernels.spec.CurvatureRule`); they default to
     zero for every term. A term's b can be non-zero while its a is zero (directions used only for curvature).
+    ``update_hessian=False`` makes the round leave H as it is even when the program's rule updates H: a perturbation
+    round fused into the same pass as a HiSo update (the optimizers' last restore) reads H without changing it.
     """
 
     seeds: Sequence[int]
@@ -40,6 +43,7 @@ class Round:
     coefficients: Sequence[float]
     curvature_coefficients: Sequence[float] | None = None
     weight_decay: float = 0.0
+    update_hessian: bool = True
 
 
 #: the program's arrays in the op's schema order, with their dtypes (int64 first: every field starts 8-byte aligned)
@@ -51,7 +55,11 @@ TENSOR_FIELDS = (
     ("coef_x", torch.float32),  # [T]
     ("coef_h", torch.float32),  # [T]
     ("round_wd", torch.float32),  # [R]
+    ("round_flags", torch.int32),  # [R], bit 0 (ROUND_UPDATES_H): the round updates H when the rule does
 )
+
+#: round_flags bit: the round updates H (when the program's curvature rule is not "none"); csrc/include/hiso/codes.h
+ROUND_UPDATES_H = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Program:
     coef_x: torch.Tensor
     coef_h: torch.Tensor
     round_wd: torch.Tensor
+    round_flags: torch.Tensor
     distribution: Distribution
     rule: CurvatureRule
     beta: float
@@ -83,12 +92,17 @@ class Program:
         return tuple(getattr(self, name) for name, _ in TENSOR_FIELDS)
 
     def rounds(self):
-        """Yield (round index, term slice, weight decay, rounding seed) in order (for the reference backend)."""
+        """Yield (round index, term slice, weight decay, rounding seed, updates H) in order (reference backend)."""
         starts = self.round_start.tolist()
         wds = self.round_wd.tolist()
         rseeds = self.round_rseed.tolist()
+        flags = self.round_flags.tolist()
         for r in range(self.n_rounds):
-            yield r, slice(starts[r], starts[r + 1]), wds[r], rseeds[r]
+            yield r, slice(starts[r], starts[r + 1]), wds[r], rseeds[r], bool(flags[r] & ROUND_UPDATES_H)
+
+    def updates_hessian(self) -> bool:
+        """Whether running this program writes H (its rule updates H and some round is flagged to)."""
+        return self.rule != CurvatureRule.NONE and bool((self.round_flags & ROUND_UPDATES_H).any())
 
     def to(self, device: torch.device) -> Program:
         return device_program(self, device)
@@ -130,6 +144,8 @@ def normalize_round(r: int, rnd: Round) -> tuple[list[int], list[int], list[floa
     a = [_check_f32(f"rounds[{r}].coefficients[{i}]", v) for i, v in enumerate(a)]
     if b is not None:
         b = [_check_f32(f"rounds[{r}].curvature_coefficients[{i}]", v) for i, v in enumerate(b)]
+    if not isinstance(rnd.update_hessian, bool):
+        raise TypeError(f"rounds[{r}].update_hessian must be a bool, got {type(rnd.update_hessian).__name__}")
     return s, p, a, b, _check_f32(f"rounds[{r}].weight_decay", rnd.weight_decay)
 
 
@@ -175,6 +191,7 @@ def build_program(
     starts = [0]
     wds: list[float] = []
     rseeds: list[int] = []
+    flags: list[int] = []
     for r, rnd in enumerate(rounds):
         s, p, a, b, wd = normalize_round(r, rnd)
         seeds += s
@@ -183,6 +200,7 @@ def build_program(
         coef_h += [0.0] * len(s) if b is None else b
         starts.append(len(seeds))
         wds.append(wd)
+        flags.append(ROUND_UPDATES_H if rnd.update_hessian else 0)
         if stochastic_rounding:
             # Derived from the round's own content, so a replay of the round draws the same rounding bits.
             words = [len(s)] + s + p + [spec.f32_bits(v) for v in a] + [spec.f32_bits(wd)]
@@ -190,28 +208,37 @@ def build_program(
         else:
             rseeds.append(-1)
     arrays = {"seeds": seeds, "dirs": dirs, "round_start": starts, "round_rseed": rseeds, "coef_x": coef_x,
-              "coef_h": coef_h, "round_wd": wds}
+              "coef_h": coef_h, "round_wd": wds, "round_flags": flags}
     return Program(**pack(arrays, pin_memory), distribution=distribution, rule=rule, beta=beta,
                    one_minus_beta=one_minus_beta, h_min=h_min)
 
 
+_STRUCT_CODES = {torch.int64: "q", torch.float32: "f", torch.int32: "i"}
+
+
 def pack(arrays: dict, pin_memory: bool = False) -> dict[str, torch.Tensor]:
-    """The seven arrays as views of one byte buffer, each field 8-byte aligned (one copy moves them all)."""
+    """The program's arrays as views of one byte buffer, each field 8-byte aligned (one copy moves them all). Packed
+    with one ``struct.pack_into`` (the values are already exact fp32 / int64): a few microseconds for the small
+    programs of an optimizer step."""
     layout = []
+    fmt = ["<"]
     nbytes = 0
+    values: list = []
     for name, dtype in TENSOR_FIELDS:
-        n = len(arrays[name])
+        field = arrays[name]
+        n = len(field)
         size = n * (8 if dtype == torch.int64 else 4)
-        layout.append((name, dtype, nbytes, n))
-        nbytes += (size + 7) // 8 * 8
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory and torch.cuda.is_available())
-    host = buf.numpy()
-    out = {}
-    for name, dtype, start, n in layout:
-        np_dtype = np.int64 if dtype == torch.int64 else np.float32
-        host[start : start + n * np.dtype(np_dtype).itemsize].view(np_dtype)[:] = arrays[name]
-        out[name] = buf[start : start + n * np.dtype(np_dtype).itemsize].view(dtype)
-    return out
+        layout.append((name, dtype, nbytes, size))
+        pad = (size + 7) // 8 * 8 - size
+        fmt.append(f"{n}{_STRUCT_CODES[dtype]}{pad}x")
+        values.extend(field)
+        nbytes += size + pad
+    data = bytearray(nbytes)
+    struct.pack_into("".join(fmt), data, 0, *values)
+    buf = torch.frombuffer(data, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+    if pin_memory and torch.cuda.is_available():
+        buf = buf.pin_memory()
+    return {name: buf[start : start + size].view(dtype) for name, dtype, start, size in layout}
 
 
 def program_from_tensors(tensors: Sequence[torch.Tensor], distribution: int, rule: int, beta: float,
@@ -225,7 +252,8 @@ def program_from_tensors(tensors: Sequence[torch.Tensor], distribution: int, rul
         fields[name] = t
     n_terms, n_rounds = fields["seeds"].numel(), fields["round_wd"].numel()
     if any(fields[f].numel() != n_terms for f in ("dirs", "coef_x", "coef_h")) or n_rounds < 1 or \
-            fields["round_rseed"].numel() != n_rounds or fields["round_start"].numel() != n_rounds + 1:
+            fields["round_rseed"].numel() != n_rounds or fields["round_start"].numel() != n_rounds + 1 or \
+            fields["round_flags"].numel() != n_rounds:
         raise ValueError("program fields have inconsistent lengths")
     starts = fields["round_start"].numpy()
     if starts[0] != 0 or starts[-1] != n_terms or (np.diff(starts) <= 0).any():
@@ -234,11 +262,45 @@ def program_from_tensors(tensors: Sequence[torch.Tensor], distribution: int, rul
     if (seeds < 0).any() or (dirs < 0).any() or (dirs > spec.DIRECTION_MAX).any() or \
             (fields["round_rseed"].numpy() < -1).any():
         raise ValueError("seeds, directions or rounding seeds out of range")
+    if (fields["round_flags"].numpy() & ~ROUND_UPDATES_H).any():
+        raise ValueError(f"round_flags may only hold the bit ROUND_UPDATES_H ({ROUND_UPDATES_H})")
     if not all(np.isfinite(fields[f].numpy()).all() for f in ("coef_x", "coef_h", "round_wd")):
         raise ValueError("program coefficients must be finite")
     rule = CurvatureRule.parse(rule)
     return Program(**fields, distribution=Distribution.parse(distribution), rule=rule, beta=float(beta),
                    one_minus_beta=float(one_minus_beta), h_min=float(h_min))
+
+
+def sub_program(prog: Program, start: int, stop: int) -> Program:
+    """Rounds ``[start, stop)`` of a (CPU) program as a program of their own, with the same rule and constants: the
+    applied and the simulated parts of a logged run, for backends that simulate on scratch copies."""
+    if not 0 <= start < stop <= prog.n_rounds:
+        raise ValueError(f"rounds [{start}, {stop}) are not a non-empty range of the program's {prog.n_rounds}")
+    starts = prog.round_start.tolist()
+    t0, t1 = starts[start], starts[stop]
+    arrays = {"seeds": prog.seeds.tolist()[t0:t1], "dirs": prog.dirs.tolist()[t0:t1],
+              "round_start": [s - t0 for s in starts[start:stop + 1]],
+              "round_rseed": prog.round_rseed.tolist()[start:stop], "coef_x": prog.coef_x.tolist()[t0:t1],
+              "coef_h": prog.coef_h.tolist()[t0:t1], "round_wd": prog.round_wd.tolist()[start:stop],
+              "round_flags": prog.round_flags.tolist()[start:stop]}
+    return Program(**pack(arrays), distribution=prog.distribution, rule=prog.rule, beta=prog.beta,
+                   one_minus_beta=prog.one_minus_beta, h_min=prog.h_min)
+
+
+def with_seed(prog: Program, seed: int) -> Program:
+    """A copy of a program (whose arrays share one buffer) with every term's seed set to ``seed`` (checked by the
+    caller): the optimizers' perturbations differ from step to step only in their seed. Only for programs without
+    stochastic rounding (whose rounding seeds derive from the terms' seeds)."""
+    buf = _shared_buffer(prog)
+    if buf is None or bool((prog.round_rseed >= 0).any()):
+        raise ValueError("with_seed needs a packed program without stochastic rounding")
+    copy = buf.clone()
+    fields: dict[str, Any] = {}
+    for (name, dtype), t in zip(TENSOR_FIELDS, prog.tensors()):
+        start = t.storage_offset() * t.element_size()
+        fields[name] = copy[start : start + t.numel() * t.element_size()].view(dtype)
+    fields["seeds"].fill_(seed)
+    return _with_fields(prog, fields)
 
 
 # ------------------------------------------------------------------------------------------------ device copies
@@ -284,7 +346,7 @@ def _with_fields(prog: Program, fields: dict[str, Any]) -> Program:
 
 
 def _shared_buffer(prog: Program) -> torch.Tensor | None:
-    """The byte buffer that all seven arrays view, or None if they do not share one."""
+    """The byte buffer that all eight arrays view, or None if they do not share one."""
     tensors = prog.tensors()
     storage = tensors[0].untyped_storage()
     if any(t.untyped_storage().data_ptr() != storage.data_ptr() or not t.is_contiguous() for t in tensors):

@@ -153,6 +153,9 @@ def drive_wrappers() -> list:
                                curvature_rule=rule, **kw)
             rnds = [hk.Round([seed], [p], [1e-3], [0.5] if with_h else None) for _ in range(rounds)]
             hk.replay_(params, rnds, hessian=hessian, curvature_rule=rule, **kw)
+            if rule == "none":  # the logged variant (exact restore in the kernel): the optimizers' perturbation
+                bound = hk.bind(params, hessian=hessian, check_hessian=False, **kw)
+                bound.apply_logged(bound.shift_program(seed, p, [1e-3, -1e-3]), 1)
         for dist, (seed, p, offset, numel, rounds) in itertools.product(("gaussian", "rademacher"), INTEGER_PROBES):
             hk.directions(seed, numel, direction=p, offset=offset, distribution=dist, device="cpu", backend="triton")
             BACKENDS["triton"].directions_sum(seed, rounds, offset, numel, Distribution.parse(dist),

@@ -22,6 +22,12 @@ def report() -> str:
         ok, why = backend.availability()
         lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {why}")
     lines.append("")
+    lines.append("exact restore (the undo log of a logged run, hiso_kernels.bind):")
+    for name, backend in BACKENDS.items():
+        if backend.availability()[0]:
+            in_kernel, how = backend.log_support()
+            lines.append(f"  {name:<9} {'in the kernel' if in_kernel else 'fallback':<13} {how}")
+    lines.append("")
     lines.append(f"available: {', '.join(available_backends())}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:

@@ -63,6 +63,7 @@ def _apply_program_op(
     coef_x: torch.Tensor,
     coef_h: torch.Tensor,
     round_wd: torch.Tensor,
+    round_flags: torch.Tensor,
     offset: int,
     distribution: int,
     curvature_rule: int,
@@ -74,14 +75,14 @@ def _apply_program_op(
 ) -> None:
     """Run a program (the packed rounds of ``hiso_kernels._program``, as CPU tensors) in place on ``params`` and
     ``hessian``. The public functions build the program; every operation goes through this op."""
-    program = program_from_tensors((seeds, dirs, round_start, round_rseed, coef_x, coef_h, round_wd), distribution,
-                                   curvature_rule, beta, one_minus_beta, h_min)
+    program = program_from_tensors((seeds, dirs, round_start, round_rseed, coef_x, coef_h, round_wd, round_flags),
+                                   distribution, curvature_rule, beta, one_minus_beta, h_min)
     _run(params, hessian, program, offset=offset, backend=backend, check_hessian=check_hessian)
 
 
 @_apply_program_op.register_fake
-def _(params, hessian, seeds, dirs, round_start, round_rseed, coef_x, coef_h, round_wd, offset, distribution,
-      curvature_rule, beta, one_minus_beta, h_min, backend, check_hessian):
+def _(params, hessian, seeds, dirs, round_start, round_rseed, coef_x, coef_h, round_wd, round_flags, offset,
+      distribution, curvature_rule, beta, one_minus_beta, h_min, backend, check_hessian):
     return None
 
 

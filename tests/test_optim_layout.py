@@ -25,9 +25,15 @@ def alternate_devices(model):
 
 
 def count_launches(monkeypatch):
+    """The number of tensors of every kernel call of a step (the optimizers run bound calls, hk.BoundParams) and of
+    a replay (hk.replay_)."""
     calls = []
     real = hk.replay_
-    monkeypatch.setattr(hk, "replay_", lambda params, *a, **k: (calls.append(len(params)), real(params, *a, **k)))
+    monkeypatch.setattr(hk, "replay_", lambda params, *a, **k: (calls.append(len(params)), real(params, *a, **k))[1])
+    for name in ("apply", "apply_logged"):
+        method = getattr(hk.BoundParams, name)
+        monkeypatch.setattr(hk.BoundParams, name,
+                            lambda self, *a, _m=method, **k: (calls.append(len(self.params)), _m(self, *a, **k))[1])
     return calls
 
 

@@ -2,11 +2,23 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "hiso/zo_round.h"
 
 namespace hiso {
 namespace cpu {
+
+// The undo-log entries of one chunk: the elements that the program's simulated rounds do not bring back to their
+// stored bits, as positions in the chunk (global index 4 g_begin + pos, below 2^14 + 2^2) and the stored bits from
+// before the program (v32 for fp32, v16 for bf16 / fp16).
+struct ChunkLog {
+  int64_t slot = 0;
+  uint64_t g_begin = 0;
+  std::vector<uint16_t> pos;
+  std::vector<uint32_t> v32;
+  std::vector<uint16_t> v16;
+};
 
 struct Job {
   const int64_t* slots;   // [n_slots, 4]: x address, H address (0 without H), numel, global offset of element 0
@@ -19,6 +31,11 @@ struct Job {
   int distribution;
   int num_threads;
   Program prog;
+  // Logged run: rounds [0, n_apply) are applied and stored, rounds [n_apply, n_rounds) are simulated in registers
+  // and every element whose simulated bits differ from its stored bits before the program goes to log[chunk].
+  // log == nullptr: an ordinary run (n_apply is ignored).
+  int64_t n_apply = 0;
+  ChunkLog* log = nullptr;
 };
 
 // One definition per instruction set (see zo_cpu_isa_*.cpp).
@@ -29,6 +46,7 @@ struct Job {
                        int num_threads);                                                                      \
   void round_storage(const float* y, void* out, int64_t start, int64_t n, int dtype, int64_t rseed);          \
   double directions_sum(uint64_t seed, int n_dirs, int64_t start, int64_t n, int distribution, int num_threads); \
+  void advance_log(const Job& job, std::vector<ChunkLog>& logs);                                              \
   }
 
 HISO_DECLARE_ISA(generic)

@@ -94,8 +94,15 @@ static inline void tile_rounding_bits(uint64_t rseed, uint64_t g0, uint32_t* __r
   }
 }
 
+// Stored bits of a value for the undo-log comparison (fp32: its bit pattern; bf16 / fp16: the raw 16 bits).
+static inline uint32_t stored_bits(float v) { return float_to_bits(v); }
+static inline uint32_t stored_bits(uint16_t v) { return v; }
+
 // One chunk: groups [g_begin, g_end) of one tensor, all rounds of the program, one read and one write per element.
-template <class S, bool HAS_H, int RULE, int DIST>
+// A term with the same (seed, direction) as the term before it reuses its values (the chain +mu, -mu, -mu, +mu of a
+// perturbation and its restore draws the direction once). LOG: rounds from job.n_apply on are simulated, not stored,
+// and the elements they do not bring back to their original bits are recorded in job.log[chunk].
+template <class S, bool HAS_H, int RULE, int DIST, bool LOG>
 static void process_chunk(const Job& job, int64_t chunk) {
   using Raw = typename S::Raw;
   const Program& prog = job.prog;
@@ -108,6 +115,7 @@ static void process_chunk(const Job& job, int64_t chunk) {
   const int64_t offset = s[3];
   const uint64_t g_last = static_cast<uint64_t>(offset + numel - 1) >> 2;
   const uint64_t g_end = lesser<uint64_t>(g_begin + static_cast<uint64_t>(job.groups_per_chunk), g_last + 1);
+  const int64_t n_store = LOG ? job.n_apply : prog.n_rounds;  // rounds applied before the store
 
   alignas(64) float xv[kTile];
   alignas(64) float hv[kTile];
@@ -117,6 +125,12 @@ static void process_chunk(const Job& job, int64_t chunk) {
   alignas(64) float y[kTile];
   alignas(64) uint32_t rbits[kTile];
   alignas(64) Raw raw[kTile];
+  alignas(64) Raw x0[kTile];  // LOG: the stored values before the program
+  ChunkLog* log = LOG ? job.log + chunk : nullptr;
+  if (LOG) {
+    log->slot = slot;
+    log->g_begin = g_begin;
+  }
 
   for (uint64_t g0 = g_begin; g0 < g_end; g0 += kTileGroups) {
     const int64_t local0 = static_cast<int64_t>(4 * g0) - offset;  // tensor position of the tile's first element
@@ -128,6 +142,10 @@ static void process_chunk(const Job& job, int64_t chunk) {
       const Raw* __restrict xs = x + local0;
 #pragma omp simd
       for (int l = 0; l < kTile; ++l) xv[l] = S::load(xs[l]);
+      if (LOG) {
+#pragma omp simd
+        for (int l = 0; l < kTile; ++l) x0[l] = xs[l];
+      }
       if (HAS_H) {
         const float* __restrict hs = h + local0;
 #pragma omp simd
@@ -139,25 +157,51 @@ static void process_chunk(const Job& job, int64_t chunk) {
         hv[l] = 1.0f;
       }
       for (int l = lo; l < hi; ++l) xv[l] = S::load(x[local0 + l]);
+      if (LOG) {
+        for (int l = 0; l < kTile; ++l) x0[l] = Raw{};  // lanes outside the tensor: compared, never logged
+        for (int l = lo; l < hi; ++l) x0[l] = x[local0 + l];
+      }
       if (HAS_H) {
         for (int l = lo; l < hi; ++l) hv[l] = h[local0 + l];
       }
     }
+    int64_t last_seed = -1, last_dir = -1;  // the direction now in u (none yet)
     for (int64_t r = 0; r < prog.n_rounds; ++r) {
+      if (LOG && r == n_store) {  // the applied rounds are done: store them, then simulate the rest
+        if (full) {
+          Raw* __restrict xd = x + local0;
+          if (S::kRoundsDown) {
+            for (int l = 0; l < kTile; ++l) xd[l] = raw[l];
+          } else {
+            for (int l = 0; l < kTile; ++l) xd[l] = static_cast<Raw>(xv[l]);
+          }
+        } else {
+          for (int l = lo; l < hi; ++l) x[local0 + l] = S::kRoundsDown ? raw[l] : static_cast<Raw>(xv[l]);
+        }
+      }
       for (int l = 0; l < kTile; ++l) {
         ax[l] = 0.0f;
         ah[l] = 0.0f;
       }
       for (int64_t t = prog.round_start[r]; t < prog.round_start[r + 1]; ++t) {
-        tile_directions<DIST>(static_cast<uint64_t>(prog.seeds[t]), static_cast<uint32_t>(prog.dirs[t]), g0, u);
+        if (prog.seeds[t] != last_seed || prog.dirs[t] != last_dir) {
+          last_seed = prog.seeds[t];
+          last_dir = prog.dirs[t];
+          tile_directions<DIST>(static_cast<uint64_t>(last_seed), static_cast<uint32_t>(last_dir), g0, u);
+        }
         const float a = prog.coef_x[t];
         const float b = (RULE != kRuleNone) ? prog.coef_h[t] : 0.0f;
 #pragma omp simd
         for (int l = 0; l < kTile; ++l) accumulate_term<RULE>(u[l], a, b, ax[l], ah[l]);
       }
       const float wd = prog.round_wd[r];
+      if (round_updates_h<RULE>(prog, r)) {
 #pragma omp simd
-      for (int l = 0; l < kTile; ++l) y[l] = finish_round<HAS_H, RULE>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+        for (int l = 0; l < kTile; ++l) y[l] = finish_round<HAS_H, RULE>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+      } else {
+#pragma omp simd
+        for (int l = 0; l < kTile; ++l) y[l] = finish_round<HAS_H, kRuleNone>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+      }
       if (S::kRoundsDown) {
         const int64_t rseed = prog.round_rseed[r];
         if (rseed >= 0) {
@@ -171,6 +215,27 @@ static void process_chunk(const Job& job, int64_t chunk) {
       } else {
         for (int l = 0; l < kTile; ++l) xv[l] = y[l];
       }
+    }
+    if (LOG) {  // compare the simulated end of the chain with the original bits (vectorised; most tiles match)
+      uint32_t any = 0;
+#pragma omp simd reduction(| : any)
+      for (int l = 0; l < kTile; ++l) {
+        const uint32_t end_bits = S::kRoundsDown ? stored_bits(raw[l]) : float_to_bits(xv[l]);
+        any |= end_bits ^ stored_bits(x0[l]);
+      }
+      if (any == 0) continue;
+      for (int l = lo; l < hi; ++l) {
+        const uint32_t end_bits = S::kRoundsDown ? stored_bits(raw[l]) : float_to_bits(xv[l]);
+        if (end_bits != stored_bits(x0[l])) {
+          log->pos.push_back(static_cast<uint16_t>(4 * (g0 - g_begin) + static_cast<uint64_t>(l)));
+          if (sizeof(Raw) == 4) {
+            log->v32.push_back(stored_bits(x0[l]));
+          } else {
+            log->v16.push_back(static_cast<uint16_t>(stored_bits(x0[l])));
+          }
+        }
+      }
+      continue;
     }
     if (full) {
       Raw* __restrict xd = x + local0;
@@ -197,6 +262,11 @@ static void process_chunk(const Job& job, int64_t chunk) {
       }
     }
   }
+  if (LOG) {  // exact capacity: a chunk's log lives until the restore
+    log->pos.shrink_to_fit();
+    log->v32.shrink_to_fit();
+    log->v16.shrink_to_fit();
+  }
 }
 
 // Floating-point environment guard: IEEE results need denormals kept (no FTZ / DAZ), whatever the caller set.
@@ -208,35 +278,41 @@ struct IeeeDenormals {
 #endif
 };
 
-template <class S, bool HAS_H, int RULE, int DIST>
+template <class S, bool HAS_H, int RULE, int DIST, bool LOG>
 static void run_typed(const Job& job) {
 #pragma omp parallel num_threads(job.num_threads) if (job.n_chunks > 1 && job.num_threads > 1)
   {
     IeeeDenormals guard;
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < job.n_chunks; ++c) process_chunk<S, HAS_H, RULE, DIST>(job, c);
+    for (int64_t c = 0; c < job.n_chunks; ++c) process_chunk<S, HAS_H, RULE, DIST, LOG>(job, c);
   }
 }
 
-template <class S, bool HAS_H, int RULE>
+template <class S, bool HAS_H, int RULE, bool LOG>
 static void run_dist(const Job& job) {
   if (job.distribution == kGaussian) {
-    run_typed<S, HAS_H, RULE, kGaussian>(job);
+    run_typed<S, HAS_H, RULE, kGaussian, LOG>(job);
   } else {
-    run_typed<S, HAS_H, RULE, kRademacher>(job);
+    run_typed<S, HAS_H, RULE, kRademacher, LOG>(job);
   }
 }
 
 template <class S>
 static void run_storage(const Job& job) {
-  if (!job.has_h) {
-    run_dist<S, false, kRuleNone>(job);
+  if (job.log != nullptr) {  // logged runs never write H (the module checks that no round updates it)
+    if (job.has_h) {
+      run_dist<S, true, kRuleNone, true>(job);
+    } else {
+      run_dist<S, false, kRuleNone, true>(job);
+    }
+  } else if (!job.has_h) {
+    run_dist<S, false, kRuleNone, false>(job);
   } else if (job.rule == kRuleGsq) {
-    run_dist<S, true, kRuleGsq>(job);
+    run_dist<S, true, kRuleGsq, false>(job);
   } else if (job.rule == kRuleStein) {
-    run_dist<S, true, kRuleStein>(job);
+    run_dist<S, true, kRuleStein, false>(job);
   } else {
-    run_dist<S, true, kRuleNone>(job);
+    run_dist<S, true, kRuleNone, false>(job);
   }
 }
 
@@ -250,6 +326,72 @@ void run_job(const Job& job) {
       break;
     default:
       run_storage<StoreF16>(job);
+      break;
+  }
+}
+
+// The sparse fix-up of an undo log: every entry's saved value becomes what the program makes of it (H read from the
+// tensors, not written), with the dense kernels' arithmetic (program_element).
+template <class S, bool HAS_H, int RULE, int DIST>
+static void advance_typed(const Job& job, std::vector<ChunkLog>& logs) {
+  using Raw = typename S::Raw;
+  const int64_t n = static_cast<int64_t>(logs.size());
+#pragma omp parallel num_threads(job.num_threads) if (n > 1 && job.num_threads > 1)
+  {
+    IeeeDenormals guard;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t c = 0; c < n; ++c) {
+      ChunkLog& cl = logs[c];
+      const int64_t* s = job.slots + 4 * cl.slot;
+      const float* h = reinterpret_cast<const float*>(static_cast<intptr_t>(s[1]));
+      const int64_t offset = s[3];
+      for (size_t e = 0; e < cl.pos.size(); ++e) {
+        const uint64_t j = 4 * cl.g_begin + cl.pos[e];
+        const float hj = HAS_H ? h[static_cast<int64_t>(j) - offset] : 1.0f;
+        if constexpr (sizeof(Raw) == 4) {
+          const Raw v = program_element<S, HAS_H, RULE, DIST>(job.prog, j, bits_to_float(cl.v32[e]), hj);
+          cl.v32[e] = stored_bits(v);
+        } else {
+          const Raw v = program_element<S, HAS_H, RULE, DIST>(job.prog, j, static_cast<Raw>(cl.v16[e]), hj);
+          cl.v16[e] = static_cast<uint16_t>(stored_bits(v));
+        }
+      }
+    }
+  }
+}
+
+template <class S, bool HAS_H, int RULE>
+static void advance_dist(const Job& job, std::vector<ChunkLog>& logs) {
+  if (job.distribution == kGaussian) {
+    advance_typed<S, HAS_H, RULE, kGaussian>(job, logs);
+  } else {
+    advance_typed<S, HAS_H, RULE, kRademacher>(job, logs);
+  }
+}
+
+template <class S>
+static void advance_storage(const Job& job, std::vector<ChunkLog>& logs) {
+  if (!job.has_h) {
+    advance_dist<S, false, kRuleNone>(job, logs);
+  } else if (job.rule == kRuleGsq) {
+    advance_dist<S, true, kRuleGsq>(job, logs);
+  } else if (job.rule == kRuleStein) {
+    advance_dist<S, true, kRuleStein>(job, logs);
+  } else {
+    advance_dist<S, true, kRuleNone>(job, logs);
+  }
+}
+
+void advance_log(const Job& job, std::vector<ChunkLog>& logs) {
+  switch (job.dtype) {
+    case kFloat32:
+      advance_storage<StoreF32>(job, logs);
+      break;
+    case kBFloat16:
+      advance_storage<StoreBF16>(job, logs);
+      break;
+    default:
+      advance_storage<StoreF16>(job, logs);
       break;
   }
 }

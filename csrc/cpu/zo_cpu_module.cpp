@@ -5,9 +5,11 @@
 // and keeps the tensors alive for the duration of a call.
 #include <pybind11/pybind11.h>
 
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "zo_cpu_job.h"
 
@@ -18,6 +20,7 @@ namespace cpu {
 namespace {
 
 using RunFn = void (*)(const Job&);
+using AdvanceFn = void (*)(const Job&, std::vector<ChunkLog>&);
 using FillFn = void (*)(uint64_t, uint32_t, int64_t, int64_t, int, float*, int);
 using RoundFn = void (*)(const float*, void*, int64_t, int64_t, int, int64_t);
 using SumFn = double (*)(uint64_t, int, int64_t, int64_t, int, int);
@@ -28,26 +31,27 @@ struct Isa {
   FillFn fill;
   RoundFn round;
   SumFn sum;
+  AdvanceFn advance;
   bool supported;
 };
 
 Isa make_isa(const std::string& name) {
   if (name == "generic") return {"generic", &generic::run_job, &generic::fill_directions, &generic::round_storage,
-                               &generic::directions_sum, true};
+                               &generic::directions_sum, &generic::advance_log, true};
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (name == "avx2") {
     return {"avx2", &avx2::run_job, &avx2::fill_directions, &avx2::round_storage, &avx2::directions_sum,
-            __builtin_cpu_supports("avx2") != 0};
+            &avx2::advance_log, __builtin_cpu_supports("avx2") != 0};
   }
   if (name == "avx512") {
     const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
     return {"avx512", &avx512::run_job, &avx512::fill_directions, &avx512::round_storage, &avx512::directions_sum,
-            ok};
+            &avx512::advance_log, ok};
   }
 #endif
-  return {"", nullptr, nullptr, nullptr, nullptr, false};
+  return {"", nullptr, nullptr, nullptr, nullptr, nullptr, false};
 }
 
 Isa best_isa() {
@@ -70,11 +74,10 @@ T* as_ptr(int64_t address) {
   return reinterpret_cast<T*>(static_cast<intptr_t>(address));
 }
 
-// Called from Python with keyword arguments only (the names below; see backends/base.py: native_program_args).
-void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h, int rule,
-         int distribution, int num_threads, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h,
-         int64_t round_start, int64_t round_wd, int64_t round_rseed, int64_t n_rounds, double beta,
-         double one_minus_beta, double h_min) {
+Job make_job(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h,
+             int rule, int distribution, int num_threads, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h,
+             int64_t round_start, int64_t round_wd, int64_t round_rseed, int64_t round_flags, int64_t n_rounds,
+             double beta, double one_minus_beta, double h_min) {
   if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("unknown dtype code");
   if (rule < kRuleNone || rule > kRuleStein) throw std::invalid_argument("unknown curvature rule code");
   if (distribution < kGaussian || distribution > kRademacher) throw std::invalid_argument("unknown distribution code");
@@ -97,12 +100,119 @@ void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chu
   job.prog.round_start = as_ptr<const int64_t>(round_start);
   job.prog.round_wd = as_ptr<const float>(round_wd);
   job.prog.round_rseed = as_ptr<const int64_t>(round_rseed);
+  job.prog.round_flags = as_ptr<const int32_t>(round_flags);
   job.prog.n_rounds = n_rounds;
   job.prog.beta = static_cast<float>(beta);
   job.prog.one_minus_beta = static_cast<float>(one_minus_beta);
   job.prog.h_min = static_cast<float>(h_min);
+  return job;
+}
+
+// Called from Python with keyword arguments only (the names below; see backends/base.py: native_program_args).
+void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h, int rule,
+         int distribution, int num_threads, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h,
+         int64_t round_start, int64_t round_wd, int64_t round_rseed, int64_t round_flags, int64_t n_rounds,
+         double beta, double one_minus_beta, double h_min) {
+  const Job job = make_job(slots, chunks, n_chunks, groups_per_chunk, dtype, has_h, rule, distribution, num_threads,
+                           seeds, dirs, coef_x, coef_h, round_start, round_wd, round_rseed, round_flags, n_rounds,
+                           beta, one_minus_beta, h_min);
   py::gil_scoped_release release;
   current_isa().run(job);
+}
+
+// The undo log of a logged run: per chunk, the elements the simulated rounds do not bring back, with their stored
+// bits from before the run. It keeps a copy of the launch's slot table (tensor addresses and global offsets): the
+// Python side keeps the tensors alive and in place until the log is restored.
+class LogBuffer {
+ public:
+  LogBuffer(const int64_t* slots, int64_t n_slots, int64_t n_chunks, int dtype)
+      : slots_(slots, slots + 4 * n_slots), logs_(static_cast<size_t>(n_chunks)), dtype_(dtype) {}
+
+  std::vector<ChunkLog>& logs() { return logs_; }
+  const int64_t* slots() const { return slots_.data(); }
+  int dtype() const { return dtype_; }
+
+  // Drop the chunks with nothing to restore.
+  void compact() {
+    std::vector<ChunkLog> kept;
+    for (ChunkLog& cl : logs_) {
+      if (!cl.pos.empty()) kept.push_back(std::move(cl));
+    }
+    logs_.swap(kept);
+  }
+
+  int64_t size() const {
+    int64_t n = 0;
+    for (const ChunkLog& cl : logs_) n += static_cast<int64_t>(cl.pos.size());
+    return n;
+  }
+
+  int64_t nbytes() const {
+    int64_t n = 0;
+    for (const ChunkLog& cl : logs_) {
+      n += static_cast<int64_t>(cl.pos.size() * 2 + cl.v32.size() * 4 + cl.v16.size() * 2) + sizeof(ChunkLog);
+    }
+    return n;
+  }
+
+  // Write the saved values into the tensors.
+  void restore(int num_threads) {
+    py::gil_scoped_release release;
+    const int64_t n = static_cast<int64_t>(logs_.size());
+#pragma omp parallel for schedule(static) num_threads(num_threads < 1 ? 1 : num_threads) if (n > 8 && num_threads > 1)
+    for (int64_t c = 0; c < n; ++c) {
+      const ChunkLog& cl = logs_[c];
+      const int64_t* s = slots_.data() + 4 * cl.slot;
+      const int64_t base = static_cast<int64_t>(4 * cl.g_begin) - s[3];  // tensor position of pos 0
+      if (dtype_ == kFloat32) {
+        uint32_t* x = as_ptr<uint32_t>(s[0]);
+        for (size_t e = 0; e < cl.pos.size(); ++e) x[base + cl.pos[e]] = cl.v32[e];
+      } else {
+        uint16_t* x = as_ptr<uint16_t>(s[0]);
+        for (size_t e = 0; e < cl.pos.size(); ++e) x[base + cl.pos[e]] = cl.v16[e];
+      }
+    }
+  }
+
+ private:
+  std::vector<int64_t> slots_;
+  std::vector<ChunkLog> logs_;
+  int dtype_;
+};
+
+std::unique_ptr<LogBuffer> run_logged(int64_t slots, int64_t n_slots, int64_t chunks, int64_t n_chunks,
+                                      int64_t groups_per_chunk, int dtype, bool has_h, int distribution,
+                                      int num_threads, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h,
+                                      int64_t round_start, int64_t round_wd, int64_t round_rseed,
+                                      int64_t round_flags, int64_t n_rounds, int64_t n_apply) {
+  if (n_apply < 1 || n_apply >= n_rounds)
+    throw std::invalid_argument("a logged run needs 1 <= n_apply < n_rounds (applied, then simulated rounds)");
+  if (groups_per_chunk > 16384) throw std::invalid_argument("a logged run needs groups_per_chunk <= 16384");
+  Job job = make_job(slots, chunks, n_chunks, groups_per_chunk, dtype, has_h, kRuleNone, distribution, num_threads,
+                     seeds, dirs, coef_x, coef_h, round_start, round_wd, round_rseed, round_flags, n_rounds, 0.0,
+                     1.0, 0.0);
+  auto buffer = std::make_unique<LogBuffer>(job.slots, n_slots, n_chunks, dtype);
+  job.n_apply = n_apply;
+  job.log = buffer->logs().data();
+  {
+    py::gil_scoped_release release;
+    current_isa().run(job);
+    buffer->compact();
+  }
+  return buffer;
+}
+
+// The logged elements' saved values become what the program (one of the rules, H read from the logged tensors)
+// makes of them.
+void advance_log(LogBuffer& log, int rule, int distribution, int num_threads, int64_t seeds, int64_t dirs,
+                 int64_t coef_x, int64_t coef_h, int64_t round_start, int64_t round_wd, int64_t round_rseed,
+                 int64_t round_flags, int64_t n_rounds, double beta, double one_minus_beta, double h_min,
+                 bool has_h) {
+  Job job = make_job(0, 0, 0, 16, log.dtype(), has_h, rule, distribution, num_threads, seeds, dirs, coef_x, coef_h,
+                     round_start, round_wd, round_rseed, round_flags, n_rounds, beta, one_minus_beta, h_min);
+  job.slots = log.slots();
+  py::gil_scoped_release release;
+  current_isa().advance(job, log.logs());
 }
 
 void fill_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, int64_t out,
@@ -128,7 +238,25 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("slots"), py::arg("chunks"), py::arg("n_chunks"), py::arg("groups_per_chunk"), py::arg("dtype"),
         py::arg("has_h"), py::arg("rule"), py::arg("distribution"), py::arg("num_threads"), py::arg("seeds"),
         py::arg("dirs"), py::arg("coef_x"), py::arg("coef_h"), py::arg("round_start"), py::arg("round_wd"),
-        py::arg("round_rseed"), py::arg("n_rounds"), py::arg("beta"), py::arg("one_minus_beta"), py::arg("h_min"));
+        py::arg("round_rseed"), py::arg("round_flags"), py::arg("n_rounds"), py::arg("beta"),
+        py::arg("one_minus_beta"), py::arg("h_min"));
+  py::class_<LogBuffer>(m, "LogBuffer", "Undo log of a logged run (see run_logged).")
+      .def("size", &LogBuffer::size, "Number of logged elements.")
+      .def("nbytes", &LogBuffer::nbytes, "Bytes held by the log.")
+      .def("restore", &LogBuffer::restore, py::arg("num_threads"), "Write the saved values into the tensors.");
+  m.def("run_logged", &run_logged,
+        "Apply rounds [0, n_apply) of a program (no H update), simulate the others, and return the undo log of the "
+        "elements they do not bring back.",
+        py::kw_only(), py::arg("slots"), py::arg("n_slots"), py::arg("chunks"), py::arg("n_chunks"),
+        py::arg("groups_per_chunk"), py::arg("dtype"), py::arg("has_h"), py::arg("distribution"),
+        py::arg("num_threads"), py::arg("seeds"), py::arg("dirs"), py::arg("coef_x"), py::arg("coef_h"),
+        py::arg("round_start"), py::arg("round_wd"), py::arg("round_rseed"), py::arg("round_flags"),
+        py::arg("n_rounds"), py::arg("n_apply"));
+  m.def("advance_log", &advance_log, "Apply a program to the logged elements' saved values (H read, not written).",
+        py::arg("log"), py::kw_only(), py::arg("rule"), py::arg("distribution"), py::arg("num_threads"),
+        py::arg("seeds"), py::arg("dirs"), py::arg("coef_x"), py::arg("coef_h"), py::arg("round_start"),
+        py::arg("round_wd"), py::arg("round_rseed"), py::arg("round_flags"), py::arg("n_rounds"), py::arg("beta"),
+        py::arg("one_minus_beta"), py::arg("h_min"), py::arg("has_h"));
   m.def("fill_directions", &fill_directions, "Write directions of (seed, p) for global indices [start, start+n).");
   m.def(
       "directions_sum",

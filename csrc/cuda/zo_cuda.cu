@@ -32,9 +32,24 @@ struct alignas(8) Vec4<uint16_t> {
   uint16_t v[4];
 };
 
-template <class S, bool HAS_H, int RULE, int DIST>
-__global__ void __launch_bounds__(kGroupsPerChunk)
-    zo_program_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog) {
+__device__ __forceinline__ uint32_t raw_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t raw_bits(uint16_t v) { return v; }
+template <class Raw>
+__device__ __forceinline__ Raw from_bits(uint32_t b);
+template <>
+__device__ __forceinline__ float from_bits<float>(uint32_t b) {
+  return __uint_as_float(b);
+}
+template <>
+__device__ __forceinline__ uint16_t from_bits<uint16_t>(uint32_t b) {
+  return static_cast<uint16_t>(b);
+}
+
+// The body of both kernels. LOG: a logged launch (see LogArgs in zo_cuda.h); RULE is then kRuleNone. Its threads
+// outside the tensor stay to the end (the warp's reservation needs all 32 lanes).
+template <class S, bool HAS_H, int RULE, int DIST, bool LOG>
+__device__ __forceinline__ void program_body(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks,
+                                             const Program& prog, const LogArgs& log) {
   using Raw = typename S::Raw;
   const int64_t chunk = blockIdx.x;
   const int64_t slot = chunks[2 * chunk];
@@ -45,7 +60,8 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
   const int64_t numel = s[2];
   const int64_t offset = s[3];
   const int64_t local0 = static_cast<int64_t>(4 * g) - offset;
-  if (local0 >= numel || local0 + 4 <= 0) return;  // this thread's group lies outside the tensor
+  const bool active = !(local0 >= numel || local0 + 4 <= 0);
+  if (!LOG && !active) return;  // this thread's group lies outside the tensor
   const bool full = local0 >= 0 && local0 + 4 <= numel;
   // Whole aligned groups move as one 8- or 16-byte access.
   const bool vec = full && (reinterpret_cast<uintptr_t>(x + local0) % sizeof(Vec4<Raw>) == 0) &&
@@ -77,15 +93,26 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
     }
   }
 
+  uint32_t app[4] = {0u, 0u, 0u, 0u};  // LOG: the stored bits after the applied rounds (n_apply >= 1 sets them)
+
+  int64_t last_seed = -1, last_dir = -1;  // a term with the previous term's direction reuses its values
+  float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t r = 0; r < prog.n_rounds; ++r) {
+    if (LOG && r == log.n_apply) {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) app[l] = S::kRoundsDown ? raw_bits(raw[l]) : raw_bits(xv[l]);
+    }
     float ax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float ah[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const int64_t t_end = __ldg(prog.round_start + r + 1);
     for (int64_t t = __ldg(prog.round_start + r); t < t_end; ++t) {
-      const Philox4 w = direction_words(static_cast<uint64_t>(__ldg(prog.seeds + t)),
-                                        static_cast<uint32_t>(__ldg(prog.dirs + t)), g);
-      float z[4];
-      group_directions<DIST>(w, z);
+      const int64_t seed = __ldg(prog.seeds + t);
+      const int64_t dir = __ldg(prog.dirs + t);
+      if (seed != last_seed || dir != last_dir) {
+        last_seed = seed;
+        last_dir = dir;
+        group_directions<DIST>(direction_words(static_cast<uint64_t>(seed), static_cast<uint32_t>(dir), g), z);
+      }
       const float a = __ldg(prog.coef_x + t);
       const float b = (RULE != kRuleNone) ? __ldg(prog.coef_h + t) : 0.0f;
 #pragma unroll
@@ -93,8 +120,13 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
     }
     const float wd = __ldg(prog.round_wd + r);
     float y[4];
+    if (RULE != kRuleNone && (__ldg(prog.round_flags + r) & kRoundUpdatesH) != 0) {
 #pragma unroll
-    for (int l = 0; l < 4; ++l) y[l] = finish_round<HAS_H, RULE>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+      for (int l = 0; l < 4; ++l) y[l] = finish_round<HAS_H, RULE>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+    } else {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) y[l] = finish_round<HAS_H, kRuleNone>(xv[l], hv[l], ax[l], ah[l], wd, prog);
+    }
     if (S::kRoundsDown) {
       const int64_t rseed = __ldg(prog.round_rseed + r);
       if (rseed >= 0) {
@@ -115,7 +147,56 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
 #pragma unroll
     for (int l = 0; l < 4; ++l) raw[l] = static_cast<Raw>(xv[l]);
   }
-  constexpr bool kWritesH = HAS_H && RULE != kRuleNone;
+  if (LOG) {
+    // the stored bits from before the run, read again (x is written only below; fewer registers live in the loop)
+    uint32_t orig[4];
+    int bad[4];
+    int count = 0;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = local0 + l;
+      const bool in = i >= 0 && i < numel;
+      orig[l] = in ? raw_bits(x[i]) : 0u;
+      bad[l] = (in && raw_bits(raw[l]) != orig[l]) ? 1 : 0;
+      count += bad[l];
+    }
+    const int lane = threadIdx.x & 31;
+    int incl = count;  // inclusive prefix sum of the counts over the warp
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    const int total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+    unsigned long long base = 0;
+    if (lane == 0 && total > 0) base = atomicAdd(log.counts, static_cast<unsigned long long>(total));
+    // broadcast as two 32-bit halves (the 64-bit __shfl_sync overload goes through a stack slot)
+    const unsigned int lo = __shfl_sync(0xFFFFFFFFu, static_cast<unsigned int>(base), 0);
+    const unsigned int hi = __shfl_sync(0xFFFFFFFFu, static_cast<unsigned int>(base >> 32), 0);
+    base = (static_cast<unsigned long long>(hi) << 32) | lo;
+    const bool fits = base + static_cast<unsigned long long>(total) <= static_cast<unsigned long long>(log.capacity);
+    if (!fits) {
+      if (lane == 0) log.skip[chunk * kWarpsPerChunk + (threadIdx.x >> 5)] = 1;
+      return;  // the warp's elements stay as they were
+    }
+    if (lane == 0 && total > 0) atomicAdd(log.counts + 1, static_cast<unsigned long long>(total));
+    int64_t at = static_cast<int64_t>(base) + incl - count;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (bad[l]) {
+        log.index[at] = offset + local0 + l;
+        if (sizeof(Raw) == 4) {
+          static_cast<uint32_t*>(log.value)[at] = orig[l];
+        } else {
+          static_cast<uint16_t*>(log.value)[at] = static_cast<uint16_t>(orig[l]);
+        }
+        ++at;
+      }
+      raw[l] = from_bits<Raw>(app[l]);
+    }
+    if (!active) return;
+  }
+  constexpr bool kWritesH = HAS_H && RULE != kRuleNone && !LOG;
   if (vec) {
     Vec4<Raw> xr;
 #pragma unroll
@@ -132,6 +213,21 @@ __global__ void __launch_bounds__(kGroupsPerChunk)
       }
     }
   }
+}
+
+template <class S, bool HAS_H, int RULE, int DIST>
+__global__ void __launch_bounds__(kGroupsPerChunk)
+    zo_program_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog) {
+  program_body<S, HAS_H, RULE, DIST, false>(slots, chunks, prog, LogArgs{});
+}
+
+// The logged variant. Minimum one block per SM: ptxas may then use the few more registers the log's state needs
+// (with the default it spilled 8 bytes in some variants).
+template <class S, bool HAS_H, int DIST>
+__global__ void __launch_bounds__(kGroupsPerChunk, 1)
+    zo_logged_kernel(const int64_t* __restrict__ slots, const int64_t* __restrict__ chunks, Program prog,
+                     LogArgs log) {
+  program_body<S, HAS_H, kRuleNone, DIST, true>(slots, chunks, prog, log);
 }
 
 template <int DIST>
@@ -191,6 +287,27 @@ void launch_dist(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, 
   }
 }
 
+template <class S, bool HAS_H>
+void launch_logged_dist(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int distribution,
+                        const Program& prog, const LogArgs& log, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(n_chunks));
+  if (distribution == kGaussian) {
+    zo_logged_kernel<S, HAS_H, kGaussian><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog, log);
+  } else {
+    zo_logged_kernel<S, HAS_H, kRademacher><<<grid, kGroupsPerChunk, 0, stream>>>(slots, chunks, prog, log);
+  }
+}
+
+template <class S>
+void launch_logged_storage(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, bool has_h,
+                           int distribution, const Program& prog, const LogArgs& log, cudaStream_t stream) {
+  if (has_h) {
+    launch_logged_dist<S, true>(slots, chunks, n_chunks, distribution, prog, log, stream);
+  } else {
+    launch_logged_dist<S, false>(slots, chunks, n_chunks, distribution, prog, log, stream);
+  }
+}
+
 template <class S>
 void launch_storage(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, bool has_h, int rule,
                     int distribution, const Program& prog, cudaStream_t stream) {
@@ -233,6 +350,29 @@ void launch_program(const int64_t* slots, const int64_t* chunks, int64_t n_chunk
       throw std::invalid_argument("hiso CUDA: unknown dtype code");
   }
   check(cudaGetLastError(), "zo_program_kernel launch");
+}
+
+void launch_logged(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int dtype, bool has_h,
+                   int distribution, const Program& prog, const LogArgs& log, void* stream_ptr) {
+  if (n_chunks <= 0) return;
+  if (n_chunks > 0x7FFFFFFF) throw std::invalid_argument("hiso CUDA: too many chunks for one launch");
+  if (log.n_apply < 1 || log.n_apply >= prog.n_rounds)
+    throw std::invalid_argument("hiso CUDA: a logged launch needs 1 <= n_apply < n_rounds");
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  switch (dtype) {
+    case kFloat32:
+      launch_logged_storage<StoreF32>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
+      break;
+    case kBFloat16:
+      launch_logged_storage<StoreBF16>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
+      break;
+    case kFloat16:
+      launch_logged_storage<StoreF16>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
+      break;
+    default:
+      throw std::invalid_argument("hiso CUDA: unknown dtype code");
+  }
+  check(cudaGetLastError(), "zo_logged_kernel launch");
 }
 
 void launch_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, float* out,

@@ -20,6 +20,26 @@ constexpr int kGroupsPerChunk = 256;
 void launch_program(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int dtype, bool has_h, int rule,
                     int distribution, const Program& prog, void* stream);
 
+// The undo log of a logged launch (device pointers): rounds [0, n_apply) are stored, the rest only simulated, and
+// every element whose simulated end differs in bits from its stored value goes to (index: global index, value: the
+// stored bits, uint32 for fp32 and uint16 for bf16 / fp16). Each warp reserves its entries with one atomic add on
+// counts[0]; counts[1] counts the entries written. A warp whose entries do not fit in `capacity` writes neither
+// them nor its x and sets skip[warp] (warp = chunk * kWarpsPerChunk + warp in block): the caller redoes those
+// elements on the fallback path.
+struct LogArgs {
+  int64_t* index;
+  void* value;
+  unsigned long long* counts;
+  int8_t* skip;
+  int64_t capacity;
+  int64_t n_apply;
+};
+constexpr int kWarpsPerChunk = kGroupsPerChunk / 32;
+
+// launch_program's logged variant (no H update; 1 <= n_apply < prog.n_rounds).
+void launch_logged(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int dtype, bool has_h,
+                   int distribution, const Program& prog, const LogArgs& log, void* stream);
+
 // out[i] = u(seed, p, start + i) for i < n (fp32).
 void launch_directions(uint64_t seed, uint32_t p, int64_t start, int64_t n, int distribution, float* out,
                        void* stream);

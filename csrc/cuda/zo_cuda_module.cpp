@@ -28,8 +28,8 @@ T* as_ptr(int64_t address) {
 // Called from Python with keyword arguments only (the names below; see backends/base.py: native_program_args).
 void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h, int rule,
          int distribution, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h, int64_t round_start,
-         int64_t round_wd, int64_t round_rseed, int64_t n_rounds, double beta, double one_minus_beta, double h_min,
-         int64_t stream) {
+         int64_t round_wd, int64_t round_rseed, int64_t round_flags, int64_t n_rounds, double beta,
+         double one_minus_beta, double h_min, int64_t stream) {
   if (groups_per_chunk != kGroupsPerChunk) throw std::invalid_argument("groups_per_chunk must be GROUPS_PER_CHUNK");
   if (rule < hiso::kRuleNone || rule > hiso::kRuleStein) throw std::invalid_argument("unknown curvature rule code");
   if (distribution < hiso::kGaussian || distribution > hiso::kRademacher)
@@ -42,12 +42,41 @@ void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chu
   prog.round_start = as_ptr<const int64_t>(round_start);
   prog.round_wd = as_ptr<const float>(round_wd);
   prog.round_rseed = as_ptr<const int64_t>(round_rseed);
+  prog.round_flags = as_ptr<const int32_t>(round_flags);
   prog.n_rounds = n_rounds;
   prog.beta = static_cast<float>(beta);
   prog.one_minus_beta = static_cast<float>(one_minus_beta);
   prog.h_min = static_cast<float>(h_min);
   launch_program(as_ptr<const int64_t>(slots), as_ptr<const int64_t>(chunks), n_chunks, dtype, has_h, rule,
                  distribution, prog, as_ptr<void>(stream));
+}
+
+// The logged variant of run (no H update): log_* are device addresses (see LogArgs in zo_cuda.h).
+void run_logged(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h,
+                int distribution, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h, int64_t round_start,
+                int64_t round_wd, int64_t round_rseed, int64_t round_flags, int64_t n_rounds, int64_t n_apply,
+                int64_t log_index, int64_t log_value, int64_t log_counts, int64_t log_skip, int64_t log_capacity,
+                int64_t stream) {
+  if (groups_per_chunk != kGroupsPerChunk) throw std::invalid_argument("groups_per_chunk must be GROUPS_PER_CHUNK");
+  if (distribution < hiso::kGaussian || distribution > hiso::kRademacher)
+    throw std::invalid_argument("unknown distribution code");
+  hiso::Program prog{};
+  prog.seeds = as_ptr<const int64_t>(seeds);
+  prog.dirs = as_ptr<const int64_t>(dirs);
+  prog.coef_x = as_ptr<const float>(coef_x);
+  prog.coef_h = as_ptr<const float>(coef_h);
+  prog.round_start = as_ptr<const int64_t>(round_start);
+  prog.round_wd = as_ptr<const float>(round_wd);
+  prog.round_rseed = as_ptr<const int64_t>(round_rseed);
+  prog.round_flags = as_ptr<const int32_t>(round_flags);
+  prog.n_rounds = n_rounds;
+  prog.beta = 0.0f;
+  prog.one_minus_beta = 1.0f;
+  prog.h_min = 0.0f;
+  LogArgs log{as_ptr<int64_t>(log_index), as_ptr<void>(log_value), as_ptr<unsigned long long>(log_counts),
+              as_ptr<int8_t>(log_skip), log_capacity, n_apply};
+  launch_logged(as_ptr<const int64_t>(slots), as_ptr<const int64_t>(chunks), n_chunks, dtype, has_h, distribution,
+                prog, log, as_ptr<void>(stream));
 }
 
 }  // namespace
@@ -60,7 +89,16 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("slots"), py::arg("chunks"), py::arg("n_chunks"), py::arg("groups_per_chunk"), py::arg("dtype"),
         py::arg("has_h"), py::arg("rule"), py::arg("distribution"), py::arg("seeds"), py::arg("dirs"),
         py::arg("coef_x"), py::arg("coef_h"), py::arg("round_start"), py::arg("round_wd"), py::arg("round_rseed"),
-        py::arg("n_rounds"), py::arg("beta"), py::arg("one_minus_beta"), py::arg("h_min"), py::arg("stream"));
+        py::arg("round_flags"), py::arg("n_rounds"), py::arg("beta"), py::arg("one_minus_beta"), py::arg("h_min"),
+        py::arg("stream"));
+  m.attr("WARPS_PER_CHUNK") = kWarpsPerChunk;
+  m.def("run_logged", &run_logged,
+        "Apply rounds [0, n_apply) of a program, simulate the others and log the elements they do not bring back.",
+        py::kw_only(), py::arg("slots"), py::arg("chunks"), py::arg("n_chunks"), py::arg("groups_per_chunk"),
+        py::arg("dtype"), py::arg("has_h"), py::arg("distribution"), py::arg("seeds"), py::arg("dirs"),
+        py::arg("coef_x"), py::arg("coef_h"), py::arg("round_start"), py::arg("round_wd"), py::arg("round_rseed"),
+        py::arg("round_flags"), py::arg("n_rounds"), py::arg("n_apply"), py::arg("log_index"), py::arg("log_value"),
+        py::arg("log_counts"), py::arg("log_skip"), py::arg("log_capacity"), py::arg("stream"));
   m.def(
       "probe",
       [](int device) {

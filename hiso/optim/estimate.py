@@ -22,7 +22,7 @@ import torch
 
 import hiso_kernels as hk
 
-from .exact_restore import DEFAULT_CHUNK, UndoLog, perturb_with_undo
+from .exact_restore import DEFAULT_CHUNK
 from .layout import Run, split_runs
 
 Closure = Callable[[], "torch.Tensor | float | Sequence[torch.Tensor | float]"]
@@ -80,44 +80,124 @@ def estimate_scalars(
     """
     offsets = hk.global_offsets(params) if offsets is None else list(offsets)
     runs = split_runs(params, offsets) if runs is None else list(runs)
+    bounds = bind_runs(params, hessian, runs, distribution=distribution, stochastic_rounding=stochastic_rounding,
+                       backend=backend)
+    est, pending = evaluate_step(closure, bounds, seed, mu=mu, num_directions=num_directions, difference=difference,
+                                 with_f0=with_f0, exact_restore=exact_restore, restore_chunk=restore_chunk,
+                                 exchange=exchange)
+    pending.restore()
+    return est
+
+
+def bind_runs(params, hessian, runs: Sequence[Run], **settings) -> list[hk.BoundParams]:
+    """One :func:`hiso_kernels.bind` per kernel run (the validation of a step's tensors, done once)."""
+    return [hk.bind(params[r.start:r.stop], hessian=None if hessian is None else hessian[r.start:r.stop],
+                    offset=r.offset, check_hessian=False, **settings) for r in runs]
+
+
+def evaluate_step(closure: Closure, bounds: Sequence[hk.BoundParams], seed: int, *, mu: float, num_directions: int,
+                  difference: str = "central", with_f0: bool = False, exact_restore: bool = True,
+                  restore_chunk: int = DEFAULT_CHUNK, exchange: Exchange | None = None) -> tuple[Estimate, Pending]:
+    """:func:`estimate_scalars` on bound runs, with the last direction's perturbation still in place: the caller
+    undoes it with ``pending.restore()`` or fuses the undo with the update (``pending.finish``). If anything
+    raises, the parameters are restored first."""
     central = difference == "central"
     with_f0 = with_f0 or not central
     try:
-        local, undo = _evaluate_chain(
-            closure, params, hessian, seed, offsets, runs, mu=mu, num_directions=num_directions, central=central,
-            with_f0=with_f0, strict=exchange is None, exact_restore=exact_restore, restore_chunk=restore_chunk,
-            kernel_kwargs=dict(distribution=distribution, stochastic_rounding=stochastic_rounding, backend=backend,
-                               check_hessian=False))
+        local, undo, pending = _evaluate_chain(closure, bounds, seed, mu=mu, num_directions=num_directions,
+                                               central=central, with_f0=with_f0, strict=exchange is None,
+                                               exact_restore=exact_restore, restore_chunk=restore_chunk)
     except Exception:
         if exchange is not None:
             exchange.abort()  # the other ranks raise too instead of waiting for this rank's losses
         raise
-    losses = exchange(local) if exchange is not None else [mean_loss(v) for v in local]
-    return scalars_from_losses(losses, mu=mu, num_directions=num_directions, central=central, with_f0=with_f0,
-                               undo_elements=undo)
+    try:
+        losses = exchange(local) if exchange is not None else [mean_loss(v) for v in local]
+        est = scalars_from_losses(losses, mu=mu, num_directions=num_directions, central=central, with_f0=with_f0,
+                                  undo_elements=undo)
+    except BaseException:
+        pending.restore()
+        raise
+    return est, pending
 
 
-def _evaluate_chain(closure, params, hessian, seed, offsets, runs, *, mu, num_directions, central, with_f0, strict,
-                    exact_restore, restore_chunk, kernel_kwargs) -> tuple[list[list[float]], int]:
+class Pending:
+    """One direction's perturbation of every run, with what is left to undo it: the remaining perturbation sizes
+    (each +alpha z_p) and, with exact restore, each run's undo log (:meth:`hiso_kernels.BoundParams.apply_logged`).
+
+    The logged run applies the first size and simulates the whole chain in registers, in the same pass
+    (``docs/kernels.md``, "Exact restore in the kernel"): the log holds only the elements the chain will not bring
+    back, with their original bits.
+    """
+
+    def __init__(self, bounds: Sequence[hk.BoundParams], seed: int, p: int, chain: Sequence[float], exact: bool,
+                 chunk: int):
+        self._bounds = list(bounds)
+        self._seed, self._p = seed, p
+        self._remaining = list(chain[1:])
+        self.logs: list = []  # one per run perturbed so far (None without exact restore)
+        self.closed = False
+        try:
+            for b in self._bounds:
+                if exact:
+                    self.logs.append(b.apply_logged(b.shift_program(seed, p, chain), 1, chunk))
+                else:
+                    b.apply(b.shift_program(seed, p, chain[:1]))
+                    self.logs.append(None)
+        except BaseException:
+            self.restore()  # the runs already perturbed
+            raise
+
+    @property
+    def undo_elements(self) -> int:
+        return sum(log.numel for log in self.logs if log is not None)
+
+    def _rounds(self, alphas) -> list[hk.Round]:
+        """x <- x + alpha z_p for each alpha, one round each (one pass); they read H and never write it."""
+        return [hk.Round([self._seed], [self._p], [-a], update_hessian=False) for a in alphas]
+
+    def shift(self, alphas: Sequence[float]) -> None:
+        """Apply the next perturbations of the chain (``alphas`` must be its next sizes) in one pass per run."""
+        if list(alphas) != self._remaining[:len(alphas)]:
+            raise ValueError(f"the chain continues with {self._remaining}, not {list(alphas)}")
+        for b in self._bounds[:len(self.logs)]:
+            b.apply(b.shift_program(self._seed, self._p, alphas))
+        del self._remaining[:len(alphas)]
+
+    def restore(self) -> None:
+        """Bring every perturbed run back to its exact bits: the rest of the chain in one pass, then the log."""
+        self.finish(None)
+
+    def finish(self, updates: Sequence[Sequence[hk.Round]] | None) -> None:
+        """Undo the perturbation and apply ``updates[i]`` (rounds of run i's binding) in the same pass: the result
+        equals, bit for bit, restoring and then updating (the logged elements' originals are advanced through the
+        update first, :meth:`hiso_kernels.KernelLog.advance`). ``None``: restore only."""
+        if self.closed:
+            return
+        self.closed = True
+        for i, (b, log) in enumerate(zip(self._bounds, self.logs)):
+            extra = list(updates[i]) if updates is not None else []
+            if extra:
+                if log is not None:
+                    log.advance(b.program(extra))
+                b.apply(b.program(self._rounds(self._remaining) + extra))
+            elif self._remaining:
+                b.apply(b.shift_program(self._seed, self._p, self._remaining))
+            if log is not None:
+                log.restore()
+
+
+def _evaluate_chain(closure, bounds, seed, *, mu, num_directions, central, with_f0, strict, exact_restore,
+                    restore_chunk) -> tuple[list[list[float]], int, Pending]:
     """The losses in evaluation order: [f(x)] if ``with_f0``, then per direction f(x + mu z_p) and (central)
-    f(x - mu z_p). The central chain is +mu, eval, (-mu, -mu), eval, +mu: the middle two perturbations run as two
-    rounds of one fused pass, so it costs three passes like MeZO's +mu, -2mu, +mu, but every perturbation is undone
-    by its own opposite. That matters: in fp32 the chain +mu, -2mu, +mu leaves about half of the elements one ulp
-    off, the paired chain a few percent (benchmarks/restore_drift.py). With exact restore those few are written back
-    from a sparse undo log, and the parameters return to their exact bits, also when the closure fails."""
+    f(x - mu z_p); returns them, the undo-log sizes and the last direction's :class:`Pending` undo.
 
-    def shift_views(tensors, h, offset, p, alphas):
-        """Perturb consecutive views by each alpha in turn (one fused pass: one round per alpha)."""
-        rounds = [hk.Round([seed], [p], [-a]) for a in alphas]
-        hk.replay_(tensors, rounds, hessian=h, curvature_rule="none", offset=offset, **kernel_kwargs)
-
-    def shift(p, alphas):
-        for r in runs:
-            shift_views(params[r.start:r.stop], None if hessian is None else hessian[r.start:r.stop], r.offset, p,
-                        alphas)
-
-    def op(p, alphas):
-        return lambda views, h_views, offset: shift_views(views, h_views, offset, p, alphas)
+    The central chain is +mu, eval, (-mu, -mu), eval, +mu: the middle two perturbations run as two rounds of one
+    fused pass, so it costs three passes like MeZO's +mu, -2mu, +mu, but every perturbation is undone by its own
+    opposite. That matters: in fp32 the chain +mu, -2mu, +mu leaves about half of the elements one ulp off, the
+    paired chain a few percent (benchmarks/restore_drift.py). With exact restore those few are written back from
+    the undo log that the first pass recorded, and the parameters return to their exact bits, also when the closure
+    fails. The last restore is left to the caller, to be fused with the update."""
 
     def evaluate():
         values = evaluate_loss(closure, strict=strict)
@@ -129,27 +209,21 @@ def _evaluate_chain(closure, params, hessian, seed, offsets, runs, *, mu, num_di
     undo = 0
     if with_f0:
         evaluate()
+    chain = [mu, -mu, -mu, mu] if central else [mu, -mu]
     for p in range(num_directions):
-        # the passes after the first one, in order; each is a list of perturbation sizes fused into one pass
-        passes = [[-mu, -mu], [mu]] if central else [[-mu]]
-        log: UndoLog | None = None
-        if exact_restore:
-            log = perturb_with_undo(params, offsets, hessian, op(p, [mu]), [op(p, a) for a in passes], restore_chunk,
-                                    runs=runs)
-            undo += log.numel
-        else:
-            shift(p, [mu])
+        pending = Pending(bounds, seed, p, chain, exact_restore, restore_chunk)
+        undo += pending.undo_elements
         try:
             evaluate()
             if central:
-                shift(p, passes.pop(0))
+                pending.shift([-mu, -mu])
                 evaluate()
-        finally:
-            for alphas in passes:
-                shift(p, alphas)
-            if log is not None:
-                log.apply(params)
-    return out, undo
+        except BaseException:
+            pending.restore()
+            raise
+        if p < num_directions - 1:
+            pending.restore()
+    return out, undo, pending
 
 
 def scalars_from_losses(losses: Sequence[float], *, mu: float, num_directions: int, central: bool, with_f0: bool,

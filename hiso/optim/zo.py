@@ -39,7 +39,7 @@ from .distributed import (
     resolve_group,
     weights_digest,
 )
-from .estimate import Closure, estimate_scalars
+from .estimate import Closure, Pending, bind_runs, evaluate_step
 from .exact_restore import DEFAULT_CHUNK
 from .history import ZOStep
 from .layout import DeviceKey, ParamLayout, build_layout, device_of, is_dtensor
@@ -133,14 +133,53 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._checked_group = None  # the process group whose ranks were checked to agree (once)
         self._fsdp_modules = None
         self._checked_fsdp = False  # checked once that no parameter is an FSDP2 gathered copy
+        self._layout_cache: tuple | None = None  # (key, layout): the layout of an unchanged parameter list
+        self._bounds_cache: tuple | None = None  # (key, bound runs): their validation, done once
         # Trainers that call step() without a closure after having stepped through their own hook (the Hugging
         # Face integration) set this; otherwise a closure-less step is an error.
         self.allow_noop_step = False
 
     # ------------------------------------------------------------------ layout
     def _layout(self) -> ParamLayout:
-        """Trainable parameters in global order (group by group): local tensors, global offsets, kernel runs."""
-        return build_layout(self.param_groups, self.device_of)
+        """Trainable parameters in global order (group by group): local tensors, global offsets, kernel runs. Kept
+        while the parameter list is unchanged (the same tensors, unmoved, with the same ``requires_grad``); rebuilt
+        on every call for sharded parameters (a DTensor's local shard is looked up each time)."""
+        cache = self._layout_cache
+        if cache is not None and cache[0] is not None and cache[0] == self._layout_key():
+            return cache[1]
+        layout = build_layout(self.param_groups, self.device_of)
+        self._layout_cache = (None if layout.sharded else self._layout_key(), layout)
+        return layout
+
+    def _layout_key(self) -> tuple:
+        return (self.device_of, tuple(tuple((id(p), p.requires_grad, p.data_ptr(), p.shape, p.dtype, p.device)
+                                            for p in g["params"]) for g in self.param_groups))
+
+    def _bounds(self, layout: ParamLayout, hessian) -> list[hk.BoundParams]:
+        """The kernel runs of a layout, validated once (:func:`hiso_kernels.bind`) and kept while the layout, H's
+        tensors and the kernel settings stay the same."""
+        kw = self._kernel_kwargs()
+        kw.pop("check_hessian")
+        key = (id(layout), tuple(sorted(kw.items())),
+               None if hessian is None else tuple(h.data_ptr() for h in hessian))
+        cache = self._bounds_cache
+        if cache is not None and cache[0] == key and cache[1] is layout:
+            return cache[2]
+        bounds = bind_runs(layout.params, hessian, layout.all_runs(), **kw)
+        self._bounds_cache = (key, layout, bounds)
+        return bounds
+
+    @property
+    def restore_path(self) -> str:
+        """How exact restore runs on this optimizer's backend(s): in the kernel, or the fallback on scratch copies."""
+        layout = self._layout()
+        out = []
+        for b in self._bounds(layout, self._hessians(layout)):
+            in_kernel, how = b.log_support
+            line = f"{b.backend.name}: " + ("in the kernel" if in_kernel else "fallback") + f" ({how})"
+            if line not in out:
+                out.append(line)
+        return "; ".join(out)
 
     def _hessians(self, layout: ParamLayout) -> list[torch.Tensor] | None:
         if not self.uses_hessian:
@@ -196,17 +235,22 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._check_ranks(group, layout, hessian, int(seed))
                 self._checked_group = group
             exchange = LossExchange(group, int(seed), self.steps_taken)
-        scalars, second, loss = self._estimate(closure, layout, hessian, int(seed), exchange)
-        self.last_exchange_bytes = 0 if exchange is None else exchange.bytes_sent
-        self.last_exchange_seconds = 0.0 if exchange is None else exchange.seconds
-        record = ZOStep(
-            seed=int(seed),
-            scalars=tuple(scalars),
-            second_differences=None if second is None else tuple(second),
-            lrs=tuple(float(g["lr"]) for g in self.param_groups),
-            weight_decays=tuple(float(g["weight_decay"]) for g in self.param_groups),
-        )
-        self._apply([record], layout, hessian)
+        bounds = self._bounds(layout, hessian)
+        (scalars, second, loss), pending = self._estimate(closure, layout, hessian, int(seed), exchange, bounds)
+        try:
+            self.last_exchange_bytes = 0 if exchange is None else exchange.bytes_sent
+            self.last_exchange_seconds = 0.0 if exchange is None else exchange.seconds
+            record = ZOStep(
+                seed=int(seed),
+                scalars=tuple(scalars),
+                second_differences=None if second is None else tuple(second),
+                lrs=tuple(float(g["lr"]) for g in self.param_groups),
+                weight_decays=tuple(float(g["weight_decay"]) for g in self.param_groups),
+            )
+            # the last restore and the update in one pass per run (bit for bit: restore, then _apply([record]))
+            pending.finish([[self._round(record, gi)] for gi, runs in enumerate(layout.runs) for _ in runs])
+        finally:
+            pending.restore()  # a no-op after finish; otherwise x comes back and nothing is updated
         if self.record_history:
             self.history.append(record)
         self.steps_taken += 1
@@ -215,16 +259,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _needs_f0(self) -> bool:
         return self.difference == "forward"
 
-    def _estimate(self, closure, layout: ParamLayout, hessian, seed, exchange):
-        est = estimate_scalars(
-            closure, layout.params, hessian, seed, mu=self.mu, num_directions=self.num_directions,
-            difference=self.difference, with_f0=self._needs_f0(), distribution=self.distribution,
-            stochastic_rounding=self.stochastic_rounding, backend=self.backend,
-            exact_restore=self._use_exact_restore(layout.params), restore_chunk=self.restore_chunk,
-            offsets=layout.offsets, runs=layout.all_runs(), exchange=exchange,
+    def _estimate(self, closure, layout: ParamLayout, hessian, seed, exchange,
+                  bounds: Sequence[hk.BoundParams]) -> tuple[tuple, Pending]:
+        """The step's scalars, second differences and loss, with the last direction's perturbation pending."""
+        est, pending = evaluate_step(
+            closure, bounds, seed, mu=self.mu, num_directions=self.num_directions, difference=self.difference,
+            with_f0=self._needs_f0(), exact_restore=self._use_exact_restore(layout.params),
+            restore_chunk=self.restore_chunk, exchange=exchange,
         )
         self.last_undo_elements = est.undo_elements
-        return est.scalars, est.second_differences, est.loss
+        return (est.scalars, est.second_differences, est.loss), pending
 
     # ------------------------------------------------------------------ processes and shards
     def _check_ranks(self, group, layout: ParamLayout, hessian, seed: int) -> None:

@@ -25,9 +25,10 @@ from ._triton_generator import (
     spread_lanes,
 )
 
-_PROGRAM_INTS = ["n_rounds"]
+_PROGRAM_INTS = ["n_rounds", "n_apply", "log_capacity"]
 _PROGRAM_PTRS = ["slots_ptr", "chunks_ptr", "seeds_ptr", "dirs_ptr", "coef_x_ptr", "coef_h_ptr", "round_start_ptr",
-                 "round_wd_ptr", "round_rseed_ptr"]
+                 "round_wd_ptr", "round_rseed_ptr", "round_flags_ptr", "log_index_ptr", "log_value_ptr",
+                 "log_count_ptr", "skip_ptr"]
 
 
 @triton.jit
@@ -84,7 +85,14 @@ def zo_program_kernel(
     round_start_ptr,
     round_wd_ptr,
     round_rseed_ptr,
+    round_flags_ptr,
+    log_index_ptr,
+    log_value_ptr,
+    log_count_ptr,
+    skip_ptr,
     n_rounds: tl.int32,
+    n_apply: tl.int32,
+    log_capacity: tl.int64,
     beta,
     one_minus_beta,
     h_min,
@@ -94,6 +102,7 @@ def zo_program_kernel(
     RULE: tl.constexpr,
     DIST: tl.constexpr,
     ALIGNED: tl.constexpr,
+    LOG: tl.constexpr,
 ):
     """One program instance runs the whole program on one chunk (BLOCK_GROUPS groups of four elements) of one tensor:
     x (and H) are read once, kept in registers across every round and term, and written once.
@@ -101,6 +110,12 @@ def zo_program_kernel(
     ALIGNED (promised by the launch plan): the tensor's global offset and size are multiples of 4 and x (and H) start
     on a 4-element boundary in bytes (16 for fp32, 8 for 16-bit types; 16 for H), so each row of the block is one
     aligned vector access and the mask is per group.
+
+    LOG (a logged run, RULE none): rounds [0, n_apply) are stored, the others only simulated; the elements whose
+    simulated end differs in bits from their value before the run are appended to the log (global index, original
+    bits) at a place reserved with one atomic add on log_count[0] per program; log_count[1] counts the entries
+    written. A program whose entries do not fit in log_capacity writes neither them nor x and sets skip[chunk]: the
+    caller runs those chunks through the fallback path (``docs/kernels.md``, "Exact restore in the kernel").
     """
     chunk = tl.program_id(0).to(tl.int64)
     slot = tl.load(chunks_ptr + 2 * chunk)
@@ -127,8 +142,13 @@ def zo_program_kernel(
         h = load_block(hp, first, numel, 1.0, BLOCK_GROUPS, ALIGNED, 16)
     else:
         h = tl.full([BLOCK_GROUPS, 4], 1.0, tl.float32)
+    if LOG:
+        x_orig = x  # the stored value (exact in fp32 for every storage dtype)
+        x_app = x  # the value after the applied rounds
 
     for r in range(n_rounds):
+        if LOG:
+            x_app = tl.where(r == n_apply, x, x_app)
         t_begin = tl.load(round_start_ptr + r)
         t_end = tl.load(round_start_ptr + r + 1)
         # sums of the round's terms, per lane (values carried by the loop stay [G] vectors: see _triton_generator)
@@ -171,13 +191,16 @@ def zo_program_kernel(
         wd = tl.load(round_wd_ptr + r)
         y = x - (step + wd * x)
         if HAS_H:
+            # rounds without the ROUND_UPDATES_H flag leave H as it is (a perturbation fused with a HiSo update)
             if RULE == RULE_GSQ:
+                updates_h = (tl.load(round_flags_ptr + r) & 1) != 0
                 gh = tl.div_rn(acc_h, s)
                 hn = beta * h + one_minus_beta * (gh * gh)
-                h = tl.where(hn >= h_min, hn, h_min)
+                h = tl.where(updates_h, tl.where(hn >= h_min, hn, h_min), h)
             elif RULE == RULE_STEIN:
+                updates_h = (tl.load(round_flags_ptr + r) & 1) != 0
                 hn = beta * h + one_minus_beta * (h * acc_h)
-                h = tl.where(hn >= h_min, hn, h_min)
+                h = tl.where(updates_h, tl.where(hn >= h_min, hn, h_min), h)
         if DTYPE == F32:
             x = y
         else:
@@ -199,6 +222,29 @@ def zo_program_kernel(
                     y = fp16_stochastic_value(y, bits)
                 x = y.to(tl.float16).to(tl.float32)
 
+    if LOG:
+        row = tl.arange(0, BLOCK_GROUPS).to(tl.int64)
+        pos = first + 4 * row[:, None] + tl.arange(0, 4)[None, :]  # [G, 4] tensor positions
+        bad = (pos >= 0) & (pos < numel) & (x.to(tl.uint32, bitcast=True) != x_orig.to(tl.uint32, bitcast=True))
+        flags = tl.reshape(bad.to(tl.int32), [4 * BLOCK_GROUPS])
+        count = tl.sum(flags, axis=0)
+        reserve = tl.atomic_add(log_count_ptr, count.to(tl.int64))
+        fits = reserve + count <= log_capacity
+        where = reserve + tl.cumsum(flags, axis=0) - 1
+        keep = (flags * fits.to(tl.int32)) != 0
+        tl.store(log_index_ptr + where, tl.reshape(pos + offset, [4 * BLOCK_GROUPS]), mask=keep)
+        if DTYPE == F32:
+            orig_bits = x_orig.to(tl.int32, bitcast=True)
+        elif DTYPE == BF16:
+            orig_bits = (x_orig.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+        else:
+            orig_bits = x_orig.to(tl.float16).to(tl.int16, bitcast=True)
+        tl.store(log_value_ptr + where, tl.reshape(orig_bits, [4 * BLOCK_GROUPS]), mask=keep)
+        tl.atomic_add(log_count_ptr + 1, tl.where(fits, count, 0).to(tl.int64))
+        tl.store(skip_ptr + chunk, tl.where(fits, 0, 1).to(tl.int8))
+        x = tl.where(fits, x_app, x_orig)  # an overflowing program leaves its chunk as it was
+        if DTYPE == BF16:
+            raw = x.to(tl.uint32, bitcast=True) >> 16
     if DTYPE == F32:
         store_block(xp, first, numel, x, BLOCK_GROUPS, ALIGNED, 16)
     elif DTYPE == BF16:

@@ -56,6 +56,144 @@ class Backend(abc.ABC):
         p < n_dirs and the index range. Its time is the generator term of a fused kernel's roofline."""
         raise NotImplementedError
 
+    def log_support(self) -> tuple[bool, str]:
+        """(whether :meth:`apply_logged` runs inside the kernel here, how it runs)."""
+        return False, ("no in-kernel undo log in this backend yet: logged runs simulate on scratch copies, chunk by "
+                       "chunk (today's path: the applied pass plus two copies and the simulated passes per chunk)")
+
+    def apply_logged(
+        self,
+        params: list[torch.Tensor],
+        hessian: list[torch.Tensor] | None,
+        offsets: list[int],
+        program: Program,
+        n_apply: int,
+        chunk: int | None = None,
+    ) -> KernelLog:
+        """Apply rounds ``[0, n_apply)`` of ``program`` in place, simulate the remaining rounds, and return the log of
+        the elements whose simulated value differs (bit for bit) from their value before the call, with that value.
+        Inputs are validated (no round updates H; 1 <= n_apply < rounds). This default simulates on scratch copies
+        of ``chunk`` elements (:func:`chunked_logged_run`); backends with an in-kernel log override it (and ignore
+        ``chunk``: they need no scratch)."""
+        return chunked_logged_run(self, params, hessian, offsets, program, n_apply, chunk or LOG_CHUNK)
+
+
+#: elements per chunk of :func:`chunked_logged_run` (1 Mi: 4 MiB of scratch per copy in fp32)
+LOG_CHUNK = 1 << 20
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def chunked_logged_run(backend: Backend, params, hessian, offsets, program: Program, n_apply: int,
+                       chunk: int = LOG_CHUNK) -> KernelLog:
+    """A logged run out of plain runs: per chunk of about ``chunk`` elements (consecutive in global index, across
+    tensors), save a copy, apply the applied rounds, simulate the others on a second copy with the same kernel (so
+    the simulation is bit-exact), and keep the elements that do not come back. Transient memory: two chunks."""
+    from .._program import sub_program
+    from .reference import IndexLog
+
+    head, tail = sub_program(program, 0, n_apply), sub_program(program, n_apply, program.n_rounds)
+    flats = [p.detach().view(-1) for p in params]
+    h_flats = None if hessian is None else [h.detach().view(-1) for h in hessian]
+    entries = []
+    group: list[tuple[int, int, int]] = []
+    size = 0
+
+    def flush():
+        views = [flats[i][a:b] for i, a, b in group]
+        h_views = None if h_flats is None else [h_flats[i][a:b] for i, a, b in group]
+        offs = [offsets[i] + a for i, a, _ in group]
+        saved = [v.clone() for v in views]
+        backend.apply(views, h_views, offs, head)
+        sim = [v.clone() for v in views]
+        backend.apply(sim, h_views, offs, tail)
+        for (i, a, _), s_view, o_view in zip(group, sim, saved):
+            bad = (_bits(s_view) != _bits(o_view)).nonzero().view(-1)
+            if bad.numel():
+                entries.append((flats[i], None if h_flats is None else h_flats[i], offsets[i], bad + a,
+                                o_view.index_select(0, bad)))
+
+    for i, x in enumerate(flats):
+        begin, n = 0, x.numel()
+        while begin < n:
+            take = min(n - begin, chunk - size)
+            group.append((i, begin, begin + take))
+            size += take
+            begin += take
+            if size >= chunk:
+                flush()
+                group, size = [], 0
+    if group:
+        flush()
+    return IndexLog(entries)
+
+
+def device_log(backend: Backend, p, h, o, plan: LaunchPlan, index, value, counts, skip, program: Program,
+               n_apply: int, chunk: int | None, unit_groups: int) -> list:
+    """The entries (:class:`~hiso_kernels.backends.reference.IndexLog` form) of a GPU kernel's logged launch over
+    one launch group: ``index`` / ``value`` / ``counts`` (reserved, written) as the kernel left them, grouped by
+    tensor. Where the log overflowed, the units flagged in ``skip`` (``unit_groups`` groups each, the units of chunk
+    c numbered from c * groups_per_chunk / unit_groups) were left untouched: they go through
+    :func:`chunked_logged_run` here."""
+    reserved, used = counts.tolist()
+    j = index[:used]
+    values = value[:used].view(p[0].dtype)
+    starts = torch.tensor(o, dtype=torch.int64, device=j.device)
+    slot = torch.searchsorted(starts, j, right=True) - 1  # the tensor of each entry (offsets ascend in a group)
+    order = torch.argsort(slot, stable=True)
+    slot, j, values = slot[order], j[order], values[order]
+    sizes = torch.bincount(slot, minlength=len(p)).tolist()
+    entries = []
+    for i, (js, vs) in enumerate(zip(j.split(sizes), values.split(sizes))):
+        if js.numel():
+            entries.append((p[i].detach().view(-1), None if h is None else h[i].view(-1), o[i], js - o[i], vs))
+    if reserved > used:  # some programs overflowed and left their elements as they were
+        per_chunk = plan.groups_per_chunk // unit_groups
+        chunks = plan.chunks.cpu()
+        views, h_views, offs = [], [], []
+        for u in skip.nonzero().view(-1).tolist():
+            i, g_first = chunks[u // per_chunk].tolist()
+            g_first += (u % per_chunk) * unit_groups
+            start = max(0, 4 * g_first - o[i])
+            stop = min(p[i].numel(), 4 * (g_first + unit_groups) - o[i])
+            if start < stop:
+                views.append(p[i].detach().view(-1)[start:stop])
+                h_views.append(None if h is None else h[i].view(-1)[start:stop])
+                offs.append(o[i] + start)
+        if views:
+            log = chunked_logged_run(backend, views, None if h is None else h_views, offs, program, n_apply,
+                                     chunk or LOG_CHUNK)
+            entries += log._entries  # type: ignore[attr-defined]
+    return entries
+
+
+class KernelLog(abc.ABC):
+    """The undo log of a logged program: the elements that the simulated rounds do not bring back to their bits,
+    with their values from before the program. It refers to the tensors it was made on (kept alive by it), which
+    must not move or be resized before :meth:`restore`."""
+
+    @property
+    @abc.abstractmethod
+    def numel(self) -> int:
+        """Number of logged elements."""
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Memory held by the log."""
+
+    @abc.abstractmethod
+    def restore(self) -> None:
+        """Write the saved values into the tensors (after the real restore ran: the log is exact only then)."""
+
+    @abc.abstractmethod
+    def advance(self, program: Program) -> None:
+        """The saved values become what ``program`` makes of them, with H read from the tensors (not written): call
+        it before a dense pass that runs ``program`` after the restore rounds, then :meth:`restore` after it, and the
+        logged elements end where the program takes their exact original values (the fused restore + update)."""
+
 
 class LaunchPlan:
     """Tensor slots and chunk table for one dtype group: the multi-tensor form the fused kernels consume.
@@ -157,7 +295,8 @@ def native_program_args(plan: LaunchPlan, program: Program, has_h: bool) -> dict
         rule=int(program.rule), distribution=int(program.distribution), seeds=program.seeds.data_ptr(),
         dirs=program.dirs.data_ptr(), coef_x=program.coef_x.data_ptr(), coef_h=program.coef_h.data_ptr(),
         round_start=program.round_start.data_ptr(), round_wd=program.round_wd.data_ptr(),
-        round_rseed=program.round_rseed.data_ptr(), n_rounds=program.n_rounds, beta=program.beta,
+        round_rseed=program.round_rseed.data_ptr(), round_flags=program.round_flags.data_ptr(),
+        n_rounds=program.n_rounds, beta=program.beta,
         one_minus_beta=program.one_minus_beta, h_min=program.h_min,
     )
 

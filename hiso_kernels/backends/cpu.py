@@ -6,7 +6,7 @@ import torch
 
 from .._program import Program
 from ..spec import Distribution
-from .base import Backend, PlanCache, group_by_dtype, load_native, native_program_args
+from .base import Backend, KernelLog, PlanCache, group_by_dtype, load_native, native_program_args
 
 _native, _IMPORT_ERROR = load_native("_cpu", "no C++ compiler at install time, or HISO_SKIP_NATIVE=1")
 
@@ -34,11 +34,29 @@ class CpuBackend(Backend):
         return device.type == "cpu"
 
     def apply(self, params, hessian, offsets, program: Program) -> None:
-        work = sum(p.numel() for p in params) * max(1, program.n_terms)
-        threads = torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
+        threads = _threads(params, program)
         for p, h, o in group_by_dtype(params, hessian, offsets).values():
             plan = self._plans.get(p, h, o, GROUPS_PER_CHUNK, torch.device("cpu"))
             _native.run(**native_program_args(plan, program, h is not None), num_threads=threads)
+
+    def log_support(self):
+        if _native is None:
+            return False, _IMPORT_ERROR
+        if not hasattr(_native, "run_logged"):
+            return False, "the built hiso_kernels._cpu predates the in-kernel undo log: rebuild it"
+        return True, "one pass; per-chunk logs kept by each thread, no capacity limit"
+
+    def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None) -> KernelLog:
+        threads = _threads(params, program)
+        parts = []
+        for p, h, o in group_by_dtype(params, hessian, offsets).values():
+            plan = self._plans.get(p, h, o, GROUPS_PER_CHUNK, torch.device("cpu"))
+            args = native_program_args(plan, program, h is not None)
+            for key in ("rule", "beta", "one_minus_beta", "h_min"):
+                del args[key]
+            buf = _native.run_logged(**args, n_slots=len(p), num_threads=threads, n_apply=n_apply)
+            parts.append((buf, p, h))
+        return CpuLog(parts, threads)
 
     def directions(self, seed, direction, offset, numel, distribution: Distribution, device) -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32)
@@ -51,3 +69,38 @@ class CpuBackend(Backend):
         """Generator-only benchmark kernel: the sum of n_dirs directions (as a one-element tensor)."""
         total = _native.directions_sum(seed, n_dirs, offset, numel, int(distribution), torch.get_num_threads())
         return torch.tensor([total])
+
+
+def _threads(params, program: Program) -> int:
+    work = sum(p.numel() for p in params) * max(1, program.n_terms)
+    return torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
+
+
+class CpuLog(KernelLog):
+    """Undo logs of the C++ kernel (one ``LogBuffer`` per dtype group), with the tensors they refer to."""
+
+    def __init__(self, parts, threads: int):
+        self._parts = parts  # (LogBuffer, params, hessian or None): the tensors stay alive with the log
+        self._threads = threads
+
+    @property
+    def numel(self) -> int:
+        return sum(buf.size() for buf, _, _ in self._parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.nbytes() for buf, _, _ in self._parts)
+
+    def restore(self) -> None:
+        for buf, _, _ in self._parts:
+            buf.restore(self._threads)
+
+    def advance(self, program: Program) -> None:
+        for buf, _, h in self._parts:
+            _native.advance_log(
+                buf, rule=int(program.rule), distribution=int(program.distribution), num_threads=self._threads,
+                seeds=program.seeds.data_ptr(), dirs=program.dirs.data_ptr(), coef_x=program.coef_x.data_ptr(),
+                coef_h=program.coef_h.data_ptr(), round_start=program.round_start.data_ptr(),
+                round_wd=program.round_wd.data_ptr(), round_rseed=program.round_rseed.data_ptr(),
+                round_flags=program.round_flags.data_ptr(), n_rounds=program.n_rounds, beta=program.beta,
+                one_minus_beta=program.one_minus_beta, h_min=program.h_min, has_h=h is not None)

@@ -8,7 +8,17 @@ import torch
 
 from .._program import Program
 from ..spec import Distribution
-from .base import Backend, PlanCache, check_launch, device_guard, group_by_dtype, load_native, native_program_args
+from .base import (
+    Backend,
+    KernelLog,
+    PlanCache,
+    check_launch,
+    device_guard,
+    device_log,
+    group_by_dtype,
+    load_native,
+    native_program_args,
+)
 
 _native, _IMPORT_ERROR = load_native(
     "_cuda", "built only where nvcc and a CUDA torch or driver were found at install time; HISO_BUILD_CUDA=1 forces it"
@@ -65,6 +75,47 @@ class CudaBackend(Backend):
                 plan = self._plans.get(p, h, o, _native.GROUPS_PER_CHUNK, device)
                 _native.run(**native_program_args(plan, prog, h is not None), stream=stream)
                 check_launch(device, "cuda zo_program_kernel")
+
+    #: capacity of a logged launch's log, as in the Triton backend (an overflowing warp's elements fall back)
+    LOG_FRACTION = 8
+    LOG_MIN = 4096
+
+    def log_support(self):
+        ok, why = self.availability()
+        if not ok:
+            return False, why
+        if not hasattr(_native, "run_logged"):
+            return False, "the built hiso_kernels._cuda predates the in-kernel undo log: rebuild it"
+        return True, (f"one pass; an atomic reservation per warp in a log of 1/{self.LOG_FRACTION} of the "
+                      "elements; a warp that overflows it falls back to the chunked path for its elements")
+
+    def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None,
+                     capacity: int | None = None) -> KernelLog:
+        from .reference import IndexLog
+
+        device = params[0].device
+        entries: list = []
+        with device_guard(device):
+            prog = program.to(device)
+            stream = _stream(device)
+            for p, h, o in group_by_dtype(params, hessian, offsets).values():
+                plan = self._plans.get(p, h, o, _native.GROUPS_PER_CHUNK, device)
+                cap = capacity if capacity is not None else \
+                    max(self.LOG_MIN, sum(t.numel() for t in p) // self.LOG_FRACTION)
+                index = torch.empty(cap, dtype=torch.int64, device=device)
+                value = torch.empty(cap, dtype=torch.int32 if p[0].dtype == torch.float32 else torch.int16,
+                                    device=device)
+                counts = torch.zeros(2, dtype=torch.int64, device=device)
+                skip = torch.zeros(plan.n_chunks * _native.WARPS_PER_CHUNK, dtype=torch.int8, device=device)
+                args = native_program_args(plan, prog, h is not None)
+                for key in ("rule", "beta", "one_minus_beta", "h_min"):
+                    del args[key]
+                _native.run_logged(**args, n_apply=n_apply, log_index=index.data_ptr(), log_value=value.data_ptr(),
+                                   log_counts=counts.data_ptr(), log_skip=skip.data_ptr(), log_capacity=cap,
+                                   stream=stream)
+                check_launch(device, "cuda zo_logged_kernel")
+                entries += device_log(self, p, h, o, plan, index, value, counts, skip, program, n_apply, chunk, 32)
+        return IndexLog(entries)
 
     def directions(self, seed, direction, offset, numel, distribution: Distribution, device) -> torch.Tensor:
         out = torch.empty(numel, dtype=torch.float32, device=device)

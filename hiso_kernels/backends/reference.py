@@ -12,7 +12,7 @@ import torch
 from .. import spec
 from .._program import Program
 from ..spec import CurvatureRule, Distribution
-from .base import Backend
+from .base import Backend, KernelLog, _bits
 
 _M32 = spec.MASK32
 
@@ -151,20 +151,40 @@ def _fp16_stochastic_value(y: torch.Tensor, rbits: torch.Tensor) -> torch.Tensor
 
 
 # ------------------------------------------------------------------ the backend
-def apply_tensor(x: torch.Tensor, h: torch.Tensor | None, offset: int, prog: Program) -> None:
-    n = x.numel()
-    device = x.device
-    xv = x.reshape(-1).to(torch.float32)
-    hv = h.reshape(-1).clone() if h is not None else None
+def directions_at(seed: int, p: int, j: torch.Tensor, distribution: Distribution) -> torch.Tensor:
+    """u(seed, p, j) at arbitrary global indices j (int64): the lane j % 4 of group j // 4."""
+    w = group_words(seed, p, spec.TAG_DIRECTION, j >> 2)
+    if distribution == Distribution.GAUSSIAN:
+        z0, z1 = gaussian_pair(w[0], w[1])
+        z2, z3 = gaussian_pair(w[2], w[3])
+        lanes: tuple = (z0, z1, z2, z3)
+    else:
+        lanes = tuple(_rademacher(v) for v in w)
+    return torch.stack(lanes, dim=1).gather(1, (j & 3).view(-1, 1)).view(-1)
+
+
+def rounding_bits_at(rseed: int, j: torch.Tensor) -> torch.Tensor:
+    w = group_words(rseed, 0, spec.TAG_ROUNDING, j >> 2)
+    return torch.stack(w, dim=1).gather(1, (j & 3).view(-1, 1)).view(-1)
+
+
+def run_rounds(xv, hv, dtype, prog: Program, rounds, direction, rbits):
+    """Apply ``rounds`` (a range of round indices) of ``prog`` to fp32 values ``xv`` (and H ``hv`` or None) that hold
+    elements of storage dtype ``dtype``; ``direction(seed, p)`` and ``rbits(rseed)`` give the values at these
+    elements. Returns the new (xv, hv)."""
+    n, device = xv.numel(), xv.device
     seeds = prog.seeds.tolist()
     dirs = prog.dirs.tolist()
     ax_all = prog.coef_x.tolist()
     bh_all = prog.coef_h.tolist()
-    for _, terms, wd, rseed in prog.rounds():
+    all_rounds = list(prog.rounds())
+    for r in rounds:
+        _, terms, wd, rseed, flagged = all_rounds[r]
+        updates_h = flagged and prog.rule != CurvatureRule.NONE
         acc_x = torch.zeros(n, dtype=torch.float32, device=device)
         acc_h = torch.zeros(n, dtype=torch.float32, device=device)
         for i in range(terms.start, terms.stop):
-            u = directions_tensor(seeds[i], dirs[i], offset, n, prog.distribution, device)
+            u = direction(seeds[i], dirs[i])
             acc_x = acc_x + ax_all[i] * u
             if prog.rule == CurvatureRule.GSQ:
                 acc_h = acc_h + bh_all[i] * u
@@ -176,7 +196,7 @@ def apply_tensor(x: torch.Tensor, h: torch.Tensor | None, offset: int, prog: Pro
         else:
             t = acc_x
         y = xv - (t + wd * xv)
-        if hv is not None and prog.rule != CurvatureRule.NONE:
+        if hv is not None and updates_h:
             if prog.rule == CurvatureRule.GSQ:
                 g = acc_h / s
                 v = g * g
@@ -184,11 +204,54 @@ def apply_tensor(x: torch.Tensor, h: torch.Tensor | None, offset: int, prog: Pro
                 v = hv * acc_h
             hn = prog.beta * hv + prog.one_minus_beta * v
             hv = torch.where(hn >= prog.h_min, hn, torch.full_like(hn, prog.h_min))
-        rbits = rounding_bits(rseed, offset, n, device) if rseed >= 0 and x.dtype != torch.float32 else None
-        xv = round_to_storage(y, x.dtype, rbits)
+        xv = round_to_storage(y, dtype, rbits(rseed) if rseed >= 0 and dtype != torch.float32 else None)
+    return xv, hv
+
+
+def _dense(offset: int, n: int, prog: Program, device):
+    return (lambda seed, p: directions_tensor(seed, p, offset, n, prog.distribution, device),
+            lambda rseed: rounding_bits(rseed, offset, n, device))
+
+
+def apply_tensor(x: torch.Tensor, h: torch.Tensor | None, offset: int, prog: Program) -> None:
+    xv = x.reshape(-1).to(torch.float32)
+    hv = h.reshape(-1).clone() if h is not None else None
+    xv, hv = run_rounds(xv, hv, x.dtype, prog, range(prog.n_rounds), *_dense(offset, x.numel(), prog, x.device))
     x.copy_(xv.view_as(x))
-    if h is not None and hv is not None and prog.rule != CurvatureRule.NONE:
+    if h is not None and hv is not None and prog.updates_hessian():
         h.copy_(hv.view_as(h))
+
+
+class IndexLog(KernelLog):
+    """An undo log as index lists: per tensor, the positions of the logged elements and their saved values (in the
+    tensor's dtype). The reference backend's log, and every backend's fallback (``base.chunked_logged_run``); its
+    :meth:`advance` runs the reference arithmetic on the logged elements only (any device)."""
+
+    def __init__(self, entries):
+        self._entries = entries  # (flat x, flat h or None, offset of x[0], positions int64, saved values)
+
+    @property
+    def numel(self) -> int:
+        return sum(int(e[3].numel()) for e in self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(e[3].numel()) * (8 + e[4].element_size()) for e in self._entries)
+
+    def restore(self) -> None:
+        for x, _, _, idx, values in self._entries:
+            x.view(-1).index_copy_(0, idx, values)
+
+    def advance(self, program: Program) -> None:
+        out = []
+        for x, h, offset, idx, values in self._entries:
+            j = idx + offset
+            hv = None if h is None else h.view(-1)[idx]
+            xv, _ = run_rounds(values.to(torch.float32), hv, x.dtype, program, range(program.n_rounds),
+                               lambda seed, p, j=j: directions_at(seed, p, j, program.distribution),
+                               lambda rseed, j=j: rounding_bits_at(rseed, j))
+            out.append((x, h, offset, idx, xv.to(x.dtype)))
+        self._entries = out
 
 
 class ReferenceBackend(Backend):
@@ -205,6 +268,26 @@ class ReferenceBackend(Backend):
         with torch.no_grad():
             for i, x in enumerate(params):
                 apply_tensor(x, None if hessian is None else hessian[i], offsets[i], program)
+
+    def log_support(self):
+        return True, "the reference arithmetic on whole tensors (a copy of each; the test oracle)"
+
+    def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None) -> KernelLog:
+        entries = []
+        with torch.no_grad():
+            for i, x in enumerate(params):
+                h = None if hessian is None else hessian[i]
+                flat = x.detach().view(-1)
+                x0 = flat.clone()
+                hv = None if h is None else h.reshape(-1)
+                source = _dense(offsets[i], x.numel(), program, x.device)
+                xv, _ = run_rounds(x0.to(torch.float32), hv, x.dtype, program, range(n_apply), *source)
+                sim, _ = run_rounds(xv, hv, x.dtype, program, range(n_apply, program.n_rounds), *source)
+                bad = (_bits(sim.to(x.dtype)) != _bits(x0)).nonzero().view(-1)
+                flat.copy_(xv.to(x.dtype))
+                if bad.numel():
+                    entries.append((flat, hv, offsets[i], bad, x0.index_select(0, bad)))
+        return IndexLog(entries)
 
     def directions(self, seed, direction, offset, numel, distribution, device) -> torch.Tensor:
         return directions_tensor(seed, direction, offset, numel, distribution, device)

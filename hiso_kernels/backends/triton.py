@@ -17,7 +17,7 @@ import torch
 from .._codes import DTYPE_CODES
 from .._program import Program
 from ..spec import CurvatureRule, Distribution
-from .base import Backend, PlanCache, check_launch, device_guard, group_for_launch
+from .base import Backend, KernelLog, PlanCache, check_launch, device_guard, device_log, group_for_launch
 
 try:
     import triton
@@ -76,21 +76,65 @@ class TritonBackend(Backend):
         groups = (max_elements + 3) // 4 + 1
         return min(self.INTERPRETER_BLOCK_GROUPS, max(16, 1 << (groups - 1).bit_length()))
 
+    #: capacity of a logged run's log: 1/LOG_FRACTION of the elements (at least LOG_MIN); fp32 chains leave a few
+    #: percent of the elements off, and an overflowing program falls back to the chunked path for its chunk only
+    LOG_FRACTION = 8
+    LOG_MIN = 4096
+
     def apply(self, params, hessian, offsets, program: Program) -> None:
+        self._launch(params, hessian, offsets, program)
+
+    def _launch(self, params, hessian, offsets, program: Program, n_apply: int = 0, capacity: int | None = None):
+        """Run the program kernel on every launch group; with ``n_apply`` > 0 the logged variant, returning per
+        group (params, hessian, offsets, plan, log index, log values, counters, skip flags)."""
         device = params[0].device
+        logs = []
         with device_guard(device):  # launch on the tensors' device, not the current one
             prog = program.to(device)
             block = self._block_groups(max(p.numel() for p in params))
             for (dtype, aligned), (p, h, o) in group_for_launch(params, hessian, offsets, split_aligned=True).items():
                 plan = self._plans.get(p, h, o, block, device)
+                if n_apply:
+                    cap = capacity if capacity is not None else \
+                        max(self.LOG_MIN, sum(t.numel() for t in p) // self.LOG_FRACTION)
+                    index = torch.empty(cap, dtype=torch.int64, device=device)
+                    value = torch.empty(cap, dtype=torch.int32 if dtype == torch.float32 else torch.int16,
+                                        device=device)
+                    counts = torch.zeros(2, dtype=torch.int64, device=device)
+                    skip = torch.zeros(plan.n_chunks, dtype=torch.int8, device=device)
+                    logs.append((p, h, o, plan, index, value, counts, skip))
+                else:
+                    cap = 0
+                    index = value = counts = skip = plan.chunks  # unused by the plain variant
                 zo_program_kernel[(plan.n_chunks,)](
                     plan.slots, plan.chunks, prog.seeds, prog.dirs, prog.coef_x, prog.coef_h, prog.round_start,
-                    prog.round_wd, prog.round_rseed, prog.n_rounds, prog.beta, prog.one_minus_beta, prog.h_min,
+                    prog.round_wd, prog.round_rseed, prog.round_flags, index, value, counts, skip, prog.n_rounds,
+                    n_apply, cap, prog.beta, prog.one_minus_beta, prog.h_min,
                     BLOCK_GROUPS=block, DTYPE=int(DTYPE_CODES[dtype]), HAS_H=h is not None,
-                    RULE=int(prog.rule) if h is not None else int(CurvatureRule.NONE), DIST=int(prog.distribution),
-                    ALIGNED=aligned, num_warps=self.NUM_WARPS, enable_fp_fusion=False,
+                    RULE=int(prog.rule) if h is not None and not n_apply else int(CurvatureRule.NONE),
+                    DIST=int(prog.distribution), ALIGNED=aligned, LOG=bool(n_apply), num_warps=self.NUM_WARPS,
+                    enable_fp_fusion=False,
                 )
                 check_launch(device, "triton zo_program_kernel")
+        return logs
+
+    def log_support(self):
+        ok, why = self.availability()
+        if not ok:
+            return False, why
+        return True, (f"one pass; an atomic reservation per program in a log of 1/{self.LOG_FRACTION} of the "
+                      "elements; a program that overflows it falls back to the chunked path for its chunk")
+
+    def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None,
+                     capacity: int | None = None) -> KernelLog:
+        from .reference import IndexLog
+
+        entries: list = []
+        for p, h, o, plan, index, value, counts, skip in self._launch(params, hessian, offsets, program, n_apply,
+                                                                       capacity):
+            entries += device_log(self, p, h, o, plan, index, value, counts, skip, program, n_apply, chunk,
+                                  plan.groups_per_chunk)
+        return IndexLog(entries)
 
     def directions_sum(self, seed, n_dirs, offset, numel, distribution: Distribution, device) -> torch.Tensor:
         """Generator-only benchmark kernel: per-program partial sums of n_dirs directions."""

@@ -7,6 +7,7 @@
 //   s     = sqrt(H)                  (1 without H)
 //   x     <- round(x - (acc_x / s + wd_r x))               to the storage dtype (nearest even or stochastic)
 //   H     <- max(beta H + (1 - beta) v, h_min),  v = (acc_h / s)^2 (GSQ) or H acc_h (STEIN)
+//            (only in rounds whose round_flags hold kRoundUpdatesH; the others leave H as it is)
 //
 // Sums run in term order starting from +0; every operation is a single fp32 IEEE operation. The GSQ rule is HiSo's
 // (arXiv 2506.02370); the STEIN rule and the h_min floor are ours (docs/kernels.md, docs/decisions.md).
@@ -24,6 +25,7 @@ struct Program {
   const int64_t* round_start;  // [R + 1], round_start[0] = 0, round_start[R] = T
   const float* round_wd;       // [R] weight decay factor (eta lambda) of each round
   const int64_t* round_rseed;  // [R] stochastic-rounding seed of each round, -1 for round-to-nearest-even
+  const int32_t* round_flags;  // [R] kRoundUpdatesH: the round updates H (when RULE updates H at all)
   int64_t n_rounds;
   float beta;
   float one_minus_beta;
@@ -110,6 +112,68 @@ HISO_HD float finish_round(float x, float& h, float acc_x, float acc_h, float wd
     h = (hn >= prog.h_min) ? hn : prog.h_min;  // also maps NaN to the floor
   }
   return y;
+}
+
+// Whether round r of a program with rule RULE updates H.
+template <int RULE>
+HISO_HD bool round_updates_h(const Program& prog, int64_t r) {
+  return RULE != kRuleNone && (prog.round_flags[r] & kRoundUpdatesH) != 0;
+}
+
+// The direction value of lane `lane` (0..3) of the group whose Philox words are w: one Gaussian pair, not two.
+template <int DIST>
+HISO_HD float lane_direction(const Philox4& w, int lane) {
+  if (DIST == kGaussian) {
+    float z0, z1;
+    const int pair = lane >> 1;
+    gaussian_pair(w.v[2 * pair], w.v[2 * pair + 1], z0, z1);
+    return (lane & 1) ? z1 : z0;
+  }
+  return rademacher(w.v[lane]);
+}
+
+// A program applied to one element with global index j, from its stored value x and its H value h (1 without H):
+// the dense kernels' arithmetic, element by element (the sparse fix-up of an undo log). Returns the stored bits;
+// h is not written back by the callers (the dense pass writes H).
+template <class S, bool HAS_H, int RULE, int DIST>
+HISO_HD typename S::Raw program_element(const Program& prog, uint64_t j, typename S::Raw x_raw, float h) {
+  using Raw = typename S::Raw;
+  const uint64_t g = j >> 2;
+  const int lane = static_cast<int>(j & 3u);
+  float x = S::load(x_raw);
+  Raw raw = x_raw;
+  int64_t last_seed = -1, last_dir = -1;
+  float u = 0.0f;
+  for (int64_t r = 0; r < prog.n_rounds; ++r) {
+    float ax = 0.0f, ah = 0.0f;
+    for (int64_t t = prog.round_start[r]; t < prog.round_start[r + 1]; ++t) {
+      if (prog.seeds[t] != last_seed || prog.dirs[t] != last_dir) {
+        last_seed = prog.seeds[t];
+        last_dir = prog.dirs[t];
+        u = lane_direction<DIST>(direction_words(static_cast<uint64_t>(last_seed), static_cast<uint32_t>(last_dir), g),
+                                 lane);
+      }
+      accumulate_term<RULE>(u, prog.coef_x[t], RULE != kRuleNone ? prog.coef_h[t] : 0.0f, ax, ah);
+    }
+    float y;
+    if (round_updates_h<RULE>(prog, r)) {
+      y = finish_round<HAS_H, RULE>(x, h, ax, ah, prog.round_wd[r], prog);
+    } else {
+      y = finish_round<HAS_H, kRuleNone>(x, h, ax, ah, prog.round_wd[r], prog);
+    }
+    if (S::kRoundsDown) {
+      const int64_t rseed = prog.round_rseed[r];
+      if (rseed >= 0) {
+        raw = S::round_stochastic(y, rounding_words(static_cast<uint64_t>(rseed), g).v[lane], x);
+      } else {
+        raw = S::round_nearest(y, x);
+      }
+    } else {
+      x = y;
+      raw = static_cast<Raw>(y);
+    }
+  }
+  return raw;
 }
 
 }  // namespace hiso
