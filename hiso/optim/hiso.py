@@ -84,17 +84,31 @@ class HiSo(ZOOptimizer):
             for gi, runs in enumerate(layout.runs):
                 if not runs:
                     continue
-                rounds = [step_round([rec.seed], [rec.scalars], lr=rec.lrs[gi], weight_decay=rec.weight_decays[gi],
-                                     curvature_rule=seg.kernel_rule, divisor=dv,
-                                     second_differences=(None if rec.second_differences is None
-                                                         else [rec.second_differences]))
-                          for rec, dv in seg.items]
+                rounds = [_planned_round(rec, gi, seg.kernel_rule, dv) for rec, dv in seg.items]
                 for r in runs:
                     hk.replay_(layout.params[r.start:r.stop], rounds,
                                hessian=None if hessian is None else hessian[r.start:r.stop], offset=r.offset,
                                **dict(kw, curvature_rule=seg.kernel_rule))
             if seg.fill is not None and hessian is not None:
                 curv.fill_hessian(hessian, seg.fill)
+        self._curvature = state
+
+    def _finish_step(self, pending, record, layout: ParamLayout, hessian) -> None:
+        """The step's last restore fused with its update when the rule's plan for this record runs the kernel rule
+        the step was bound with (then the H writes of the plan, if any, follow as in :meth:`_apply`); otherwise
+        restore, then :meth:`_apply`. Bit for bit the same either way."""
+        state = copy.deepcopy(self.curvature_state(layout))
+        segments = curv.plan(state, [record], _last_step)
+        seg = segments[0]
+        if len(segments) != 1 or seg.kernel_rule != curv.kernel_rule_of(self.curvature_rule):
+            pending.restore()
+            self._apply([record], layout, hessian)
+            return
+        (rec, dv), = seg.items
+        pending.finish([[_planned_round(rec, gi, seg.kernel_rule, dv)] for gi, runs in enumerate(layout.runs)
+                        for _ in runs])
+        if seg.fill is not None and hessian is not None:
+            curv.fill_hessian(hessian, seg.fill)
         self._curvature = state
 
     def _kernel_kwargs(self) -> dict:
@@ -124,6 +138,13 @@ class HiSo(ZOOptimizer):
         super().load_state_dict(state_dict)
         if fresh is not None:
             self._curvature = fresh
+
+
+def _planned_round(rec, group: int, kernel_rule: str, divisor):
+    """A record's kernel round for one parameter group under the rule's plan (kernel rule and step divisor)."""
+    second = None if rec.second_differences is None else [rec.second_differences]
+    return step_round([rec.seed], [rec.scalars], lr=rec.lrs[group], weight_decay=rec.weight_decays[group],
+                      curvature_rule=kernel_rule, divisor=divisor, second_differences=second)
 
 
 def _prod(shape) -> int:

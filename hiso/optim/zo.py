@@ -247,14 +247,17 @@ class ZOOptimizer(torch.optim.Optimizer):
                 lrs=tuple(float(g["lr"]) for g in self.param_groups),
                 weight_decays=tuple(float(g["weight_decay"]) for g in self.param_groups),
             )
-            # the last restore and the update in one pass per run (bit for bit: restore, then _apply([record]))
-            pending.finish([[self._round(record, gi)] for gi, runs in enumerate(layout.runs) for _ in runs])
+            self._finish_step(pending, record, layout, hessian)
         finally:
             pending.restore()  # a no-op after finish; otherwise x comes back and nothing is updated
         if self.record_history:
             self.history.append(record)
         self.steps_taken += 1
         return loss
+
+    def _finish_step(self, pending: Pending, record: ZOStep, layout: ParamLayout, hessian) -> None:
+        """The last restore and the update in one pass per run (bit for bit: restore, then ``_apply([record])``)."""
+        pending.finish([[self._round(record, gi)] for gi, runs in enumerate(layout.runs) for _ in runs])
 
     def _needs_f0(self) -> bool:
         return self.difference == "forward"
