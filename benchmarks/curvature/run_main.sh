@@ -2,7 +2,7 @@
 # Main FMNIST study after the pilot: 3 seeds, bracketed grids (auto-extended until the best lr is interior),
 # then the remaining pilot rules (seed 0), then the quadratic study. Resumable: finished runs are skipped.
 cd "$(dirname "$0")/../.."
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}  # relative to the repository root (the script cds there)
 export PYTHONPATH=$PWD
 L="nice -n 19 $PY benchmarks/curvature/fmnist_lab.py"
 # finish the pilot's block ablation at seed 0

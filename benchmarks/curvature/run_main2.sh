@@ -2,7 +2,7 @@
 # Second part of the main study (after run_main.sh's 3-seed block): the gsq ablation at 3 seeds, the quadratic
 # study on the block spectrum, the remaining pilot rules (seed 0), then the other spectra. Resumable.
 cd "$(dirname "$0")/../.."
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}  # relative to the repository root (the script cds there)
 export PYTHONPATH=$PWD
 L="nice -n 19 $PY benchmarks/curvature/fmnist_lab.py"
 $L --seeds 0 1 2 --grid auto --methods absdelta --lrs 3e-5 5e-5 1e-4

@@ -2,7 +2,7 @@
 # FMNIST pilot (seed 0, coarse grids, auto-extended until the best lr is interior), then the quadratic study.
 # Resumable: finished runs are skipped.
 cd "$(dirname "$0")/../.."
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}  # relative to the repository root (the script cds there)
 export PYTHONPATH=$PWD
 L="nice -n 19 $PY benchmarks/curvature/fmnist_lab.py --seeds 0 --grid auto"
 $L --methods decomfl --lrs 2e-3 3e-3 5e-3

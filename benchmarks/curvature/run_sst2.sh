@@ -2,7 +2,7 @@
 # SST-2 / SmolLM2-135M claim study at reduced CPU scale (PREREGISTRATION.md), in priority order. Resumable: every
 # finished (arm, lr, seed) run is a file under benchmarks/results/claim-sst2/runs/ and is skipped on a rerun.
 cd "$(dirname "$0")/../.."
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}  # relative to the repository root (the script cds there)
 DATA=${HISO_DATA_DIR:-../shared/data}
 export PYTHONPATH=$PWD
 H="nice -n 19 $PY benchmarks/fl_claim.py --out benchmarks/results/claim-sst2 --task sst2 --model smollm2-135m
