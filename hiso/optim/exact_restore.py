@@ -18,17 +18,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from hiso_kernels.backends.base import LOG_CHUNK, chunk_slices, undo_entries
+
 from .layout import Run, split_runs
 
-#: elements per chunk (1 Mi: 4 MiB scratch per buffer in fp32)
-DEFAULT_CHUNK = 1 << 20
+#: elements per chunk (1 Mi: 4 MiB scratch per buffer in fp32): the kernels' own fallback chunk
+DEFAULT_CHUNK = LOG_CHUNK
 
 # op(tensors, hessian_views or None, offset) applies a kernel to the given contiguous views at that global offset
 ChunkOp = Callable[[list, "list | None", int], None]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 @dataclasses.dataclass
@@ -51,25 +49,6 @@ class UndoLog:
             params[i].detach().view(-1).index_copy_(0, idx.long() + start, values)
 
 
-def _chunk_groups(params: Sequence[torch.Tensor], chunk: int, start: int = 0, stop: int | None = None):
-    """Split the global index range of ``params[start:stop]`` (one run: consecutive global ranges, one device) into
-    pieces of about ``chunk`` elements: (param, start, stop) slices, consecutive in global index, so that one kernel
-    call covers many small tensors or a slice of a large one."""
-    group, size = [], 0
-    for i in range(start, len(params) if stop is None else stop):
-        n, begin = params[i].numel(), 0
-        while begin < n:
-            take = min(n - begin, chunk - size)
-            group.append((i, begin, begin + take))
-            size += take
-            begin += take
-            if size >= chunk:
-                yield group
-                group, size = [], 0
-    if group:
-        yield group
-
-
 def perturb_with_undo(
     params: Sequence[torch.Tensor],
     offsets: Sequence[int],
@@ -89,20 +68,15 @@ def perturb_with_undo(
     log = UndoLog()
     flats = [p.detach().view(-1) for p in params]
     h_flats = None if hessian is None else [h.view(-1) for h in hessian]
+    numels = [f.numel() for f in flats]
+    groups = (g for r in (split_runs(params, offsets) if runs is None else runs)
+              for g in chunk_slices(numels, chunk, r.start, r.stop))
+
+    def restore(sim, h_views, offs):
+        for op in restore_sequence:
+            op(sim, h_views, offs[0])
+
     with torch.no_grad():
-        pieces = (g for r in (split_runs(params, offsets) if runs is None else runs)
-                  for g in _chunk_groups(params, chunk, r.start, r.stop))
-        for group in pieces:
-            views = [flats[i][a:b] for i, a, b in group]
-            h_views = None if h_flats is None else [h_flats[i][a:b] for i, a, b in group]
-            offset = offsets[group[0][0]] + group[0][1]
-            saved = [v.clone() for v in views]
-            forward(views, h_views, offset)
-            sim = [v.clone() for v in views]
-            for op in restore_sequence:
-                op(sim, h_views, offset)
-            for (i, a, _), s_view, o_view in zip(group, sim, saved):
-                bad = (_bits(s_view) != _bits(o_view)).nonzero().view(-1)
-                if bad.numel():
-                    log.entries.append((i, a, bad.to(torch.int32), o_view.index_select(0, bad)))
+        found = undo_entries(flats, h_flats, offsets, groups, lambda xs, hs, offs: forward(xs, hs, offs[0]), restore)
+        log.entries = [(i, a, bad.to(torch.int32), values) for i, a, bad, values in found]
     return log

@@ -86,48 +86,60 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
-def chunked_logged_run(backend: Backend, params, hessian, offsets, program: Program, n_apply: int,
-                       chunk: int = LOG_CHUNK) -> KernelLog:
-    """A logged run out of plain runs: per chunk of about ``chunk`` elements (consecutive in global index, across
-    tensors), save a copy, apply the applied rounds, simulate the others on a second copy with the same kernel (so
-    the simulation is bit-exact), and keep the elements that do not come back. Transient memory: two chunks."""
-    from .._program import sub_program
-    from .reference import IndexLog
-
-    head, tail = sub_program(program, 0, n_apply), sub_program(program, n_apply, program.n_rounds)
-    flats = [p.detach().view(-1) for p in params]
-    h_flats = None if hessian is None else [h.detach().view(-1) for h in hessian]
-    entries = []
-    group: list[tuple[int, int, int]] = []
-    size = 0
-
-    def flush():
-        views = [flats[i][a:b] for i, a, b in group]
-        h_views = None if h_flats is None else [h_flats[i][a:b] for i, a, b in group]
-        offs = [offsets[i] + a for i, a, _ in group]
-        saved = [v.clone() for v in views]
-        backend.apply(views, h_views, offs, head)
-        sim = [v.clone() for v in views]
-        backend.apply(sim, h_views, offs, tail)
-        for (i, a, _), s_view, o_view in zip(group, sim, saved):
-            bad = (_bits(s_view) != _bits(o_view)).nonzero().view(-1)
-            if bad.numel():
-                entries.append((flats[i], None if h_flats is None else h_flats[i], offsets[i], bad + a,
-                                o_view.index_select(0, bad)))
-
-    for i, x in enumerate(flats):
-        begin, n = 0, x.numel()
+def chunk_slices(numels, chunk: int, start: int = 0, stop: int | None = None):
+    """Split the tensors ``start:stop`` (element counts ``numels``, consecutive in global index) into groups of
+    about ``chunk`` elements: lists of (tensor index, begin, end) slices, so that one kernel call covers many small
+    tensors or a slice of a large one."""
+    group, size = [], 0
+    for i in range(start, len(numels) if stop is None else stop):
+        n, begin = int(numels[i]), 0
         while begin < n:
             take = min(n - begin, chunk - size)
             group.append((i, begin, begin + take))
             size += take
             begin += take
             if size >= chunk:
-                flush()
+                yield group
                 group, size = [], 0
     if group:
-        flush()
-    return IndexLog(entries)
+        yield group
+
+
+def undo_entries(flats, h_flats, offsets, groups, forward, restore):
+    """The undo log of a perturbation, computed by simulation: for each group of (tensor, begin, end) slices of the
+    flat tensors, save a copy, ``forward(views, h_views, offsets)``, run ``restore`` on a second copy (the same
+    kernels, so the simulation is bit-exact) and yield (tensor index, begin, local indices, original values) of the
+    elements that would not come back. Transient memory: two groups. Shared by the kernels' fallback logged run
+    (:func:`chunked_logged_run`) and :func:`hiso.optim.exact_restore.perturb_with_undo`."""
+    for group in groups:
+        views = [flats[i][a:b] for i, a, b in group]
+        h_views = None if h_flats is None else [h_flats[i][a:b] for i, a, b in group]
+        offs = [offsets[i] + a for i, a, _ in group]
+        saved = [v.clone() for v in views]
+        forward(views, h_views, offs)
+        sim = [v.clone() for v in views]
+        restore(sim, h_views, offs)
+        for (i, a, _), s_view, o_view in zip(group, sim, saved):
+            bad = (_bits(s_view) != _bits(o_view)).nonzero().view(-1)
+            if bad.numel():
+                yield i, a, bad, o_view.index_select(0, bad)
+
+
+def chunked_logged_run(backend: Backend, params, hessian, offsets, program: Program, n_apply: int,
+                       chunk: int = LOG_CHUNK) -> KernelLog:
+    """A logged run out of plain runs (:func:`undo_entries` over chunks of about ``chunk`` elements, consecutive in
+    global index across tensors): apply the applied rounds, simulate the others, keep what does not come back."""
+    from .._program import sub_program
+    from .reference import IndexLog
+
+    head, tail = sub_program(program, 0, n_apply), sub_program(program, n_apply, program.n_rounds)
+    flats = [p.detach().view(-1) for p in params]
+    h_flats = None if hessian is None else [h.detach().view(-1) for h in hessian]
+    groups = chunk_slices([f.numel() for f in flats], chunk)
+    found = undo_entries(flats, h_flats, offsets, groups, lambda xs, hs, offs: backend.apply(xs, hs, offs, head),
+                         lambda xs, hs, offs: backend.apply(xs, hs, offs, tail))
+    return IndexLog([(flats[i], None if h_flats is None else h_flats[i], offsets[i], bad + a, values)
+                     for i, a, bad, values in found])
 
 
 def device_log(backend: Backend, p, h, o, plan: LaunchPlan, index, value, counts, skip, program: Program,
