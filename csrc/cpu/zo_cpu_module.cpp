@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "hiso/native_args.h"
 #include "zo_cpu_job.h"
 
 namespace py = pybind11;
@@ -69,11 +70,6 @@ Isa& current_isa() {
   return isa;
 }
 
-template <class T>
-T* as_ptr(int64_t address) {
-  return reinterpret_cast<T*>(static_cast<intptr_t>(address));
-}
-
 Job make_job(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h,
              int rule, int distribution, int num_threads, int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h,
              int64_t round_start, int64_t round_wd, int64_t round_rseed, int64_t round_flags, int64_t n_rounds,
@@ -93,18 +89,8 @@ Job make_job(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per
   job.rule = rule;
   job.distribution = distribution;
   job.num_threads = num_threads < 1 ? 1 : num_threads;
-  job.prog.seeds = as_ptr<const int64_t>(seeds);
-  job.prog.dirs = as_ptr<const int64_t>(dirs);
-  job.prog.coef_x = as_ptr<const float>(coef_x);
-  job.prog.coef_h = as_ptr<const float>(coef_h);
-  job.prog.round_start = as_ptr<const int64_t>(round_start);
-  job.prog.round_wd = as_ptr<const float>(round_wd);
-  job.prog.round_rseed = as_ptr<const int64_t>(round_rseed);
-  job.prog.round_flags = as_ptr<const int32_t>(round_flags);
-  job.prog.n_rounds = n_rounds;
-  job.prog.beta = static_cast<float>(beta);
-  job.prog.one_minus_beta = static_cast<float>(one_minus_beta);
-  job.prog.h_min = static_cast<float>(h_min);
+  job.prog = program_at(seeds, dirs, coef_x, coef_h, round_start, round_wd, round_rseed, round_flags, n_rounds, beta,
+                        one_minus_beta, h_min);
   return job;
 }
 

@@ -329,6 +329,24 @@ unsigned int blocks_for(int64_t start, int64_t n) {
   return static_cast<unsigned int>(blocks);
 }
 
+// Calls f(Store{}) with the storage type of a dtype code (every launcher dispatches the same way).
+template <class F>
+void with_storage(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32:
+      f(StoreF32{});
+      break;
+    case kBFloat16:
+      f(StoreBF16{});
+      break;
+    case kFloat16:
+      f(StoreF16{});
+      break;
+    default:
+      throw std::invalid_argument("hiso CUDA: unknown dtype code");
+  }
+}
+
 }  // namespace
 
 void launch_program(const int64_t* slots, const int64_t* chunks, int64_t n_chunks, int dtype, bool has_h, int rule,
@@ -336,19 +354,9 @@ void launch_program(const int64_t* slots, const int64_t* chunks, int64_t n_chunk
   if (n_chunks <= 0) return;
   if (n_chunks > 0x7FFFFFFF) throw std::invalid_argument("hiso CUDA: too many chunks for one launch");
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  switch (dtype) {
-    case kFloat32:
-      launch_storage<StoreF32>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
-      break;
-    case kBFloat16:
-      launch_storage<StoreBF16>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
-      break;
-    case kFloat16:
-      launch_storage<StoreF16>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
-      break;
-    default:
-      throw std::invalid_argument("hiso CUDA: unknown dtype code");
-  }
+  with_storage(dtype, [&](auto store) {
+    launch_storage<decltype(store)>(slots, chunks, n_chunks, has_h, rule, distribution, prog, stream);
+  });
   check(cudaGetLastError(), "zo_program_kernel launch");
 }
 
@@ -359,19 +367,9 @@ void launch_logged(const int64_t* slots, const int64_t* chunks, int64_t n_chunks
   if (log.n_apply < 1 || log.n_apply >= prog.n_rounds)
     throw std::invalid_argument("hiso CUDA: a logged launch needs 1 <= n_apply < n_rounds");
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  switch (dtype) {
-    case kFloat32:
-      launch_logged_storage<StoreF32>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
-      break;
-    case kBFloat16:
-      launch_logged_storage<StoreBF16>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
-      break;
-    case kFloat16:
-      launch_logged_storage<StoreF16>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
-      break;
-    default:
-      throw std::invalid_argument("hiso CUDA: unknown dtype code");
-  }
+  with_storage(dtype, [&](auto store) {
+    launch_logged_storage<decltype(store)>(slots, chunks, n_chunks, has_h, distribution, prog, log, stream);
+  });
   check(cudaGetLastError(), "zo_logged_kernel launch");
 }
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <tuple>
 
+#include "hiso/native_args.h"
 #include "zo_cuda.h"
 
 namespace py = pybind11;
@@ -20,10 +21,7 @@ using namespace hiso::cuda;
 
 namespace {
 
-template <class T>
-T* as_ptr(int64_t address) {
-  return reinterpret_cast<T*>(static_cast<intptr_t>(address));
-}
+using hiso::as_ptr;
 
 // Called from Python with keyword arguments only (the names below; see backends/base.py: native_program_args).
 void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chunk, int dtype, bool has_h, int rule,
@@ -34,19 +32,8 @@ void run(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_per_chu
   if (rule < hiso::kRuleNone || rule > hiso::kRuleStein) throw std::invalid_argument("unknown curvature rule code");
   if (distribution < hiso::kGaussian || distribution > hiso::kRademacher)
     throw std::invalid_argument("unknown distribution code");
-  hiso::Program prog;
-  prog.seeds = as_ptr<const int64_t>(seeds);
-  prog.dirs = as_ptr<const int64_t>(dirs);
-  prog.coef_x = as_ptr<const float>(coef_x);
-  prog.coef_h = as_ptr<const float>(coef_h);
-  prog.round_start = as_ptr<const int64_t>(round_start);
-  prog.round_wd = as_ptr<const float>(round_wd);
-  prog.round_rseed = as_ptr<const int64_t>(round_rseed);
-  prog.round_flags = as_ptr<const int32_t>(round_flags);
-  prog.n_rounds = n_rounds;
-  prog.beta = static_cast<float>(beta);
-  prog.one_minus_beta = static_cast<float>(one_minus_beta);
-  prog.h_min = static_cast<float>(h_min);
+  const hiso::Program prog = hiso::program_at(seeds, dirs, coef_x, coef_h, round_start, round_wd, round_rseed,
+                                              round_flags, n_rounds, beta, one_minus_beta, h_min);
   launch_program(as_ptr<const int64_t>(slots), as_ptr<const int64_t>(chunks), n_chunks, dtype, has_h, rule,
                  distribution, prog, as_ptr<void>(stream));
 }
@@ -60,19 +47,9 @@ void run_logged(int64_t slots, int64_t chunks, int64_t n_chunks, int64_t groups_
   if (groups_per_chunk != kGroupsPerChunk) throw std::invalid_argument("groups_per_chunk must be GROUPS_PER_CHUNK");
   if (distribution < hiso::kGaussian || distribution > hiso::kRademacher)
     throw std::invalid_argument("unknown distribution code");
-  hiso::Program prog{};
-  prog.seeds = as_ptr<const int64_t>(seeds);
-  prog.dirs = as_ptr<const int64_t>(dirs);
-  prog.coef_x = as_ptr<const float>(coef_x);
-  prog.coef_h = as_ptr<const float>(coef_h);
-  prog.round_start = as_ptr<const int64_t>(round_start);
-  prog.round_wd = as_ptr<const float>(round_wd);
-  prog.round_rseed = as_ptr<const int64_t>(round_rseed);
-  prog.round_flags = as_ptr<const int32_t>(round_flags);
-  prog.n_rounds = n_rounds;
-  prog.beta = 0.0f;
-  prog.one_minus_beta = 1.0f;
-  prog.h_min = 0.0f;
+  // no H update in a logged run: beta, 1 - beta and h_min are unused
+  const hiso::Program prog = hiso::program_at(seeds, dirs, coef_x, coef_h, round_start, round_wd, round_rseed,
+                                              round_flags, n_rounds, 0.0, 1.0, 0.0);
   LogArgs log{as_ptr<int64_t>(log_index), as_ptr<void>(log_value), as_ptr<unsigned long long>(log_counts),
               as_ptr<int8_t>(log_skip), log_capacity, n_apply};
   launch_logged(as_ptr<const int64_t>(slots), as_ptr<const int64_t>(chunks), n_chunks, dtype, has_h, distribution,
