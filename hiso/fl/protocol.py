@@ -35,8 +35,8 @@ import torch
 import hiso_kernels as hk
 
 from ..optim import curvature as curv
-from ..optim.estimate import estimate_scalars
-from ..optim.exact_restore import perturb_with_undo
+from ..optim.estimate import bind_runs, estimate_scalars
+from ..optim.layout import split_runs
 from ..optim.update import check_curvature_rule, needs_second_differences, step_round
 from .messages import ClientReply, RoundAssignment, RoundRecord
 
@@ -227,21 +227,14 @@ def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple
     """K local ZO steps from the replica's current x, returning (scalars, second differences or None, mean loss);
     x and H come back exactly.
 
-    Local updates between steps (K > 1) are applied with an undo log and reverted in reverse order afterwards, so
-    the replica stays at the last applied log record (it will apply the aggregated round like everyone else).
+    Local updates between steps (K > 1) are applied by the kernels' logged run (exact restore in the kernel,
+    :func:`hiso_kernels.bind`) and reverted in reverse order afterwards, so the replica stays at the last applied
+    log record (it will apply the aggregated round like everyone else).
     """
     c = replica.config
     params, hessian = replica.params, replica.hessian
-    offsets = hk.global_offsets(params)
     scalars, second, undo, losses = [], [], [], []
-    kw = dict(distribution=c.distribution, stochastic_rounding=c.stochastic_rounding, backend=c.backend,
-              check_hessian=False)
-
-    def update_op(seed, coefs):
-        def op(views, h_views, offset):
-            hk.zo_update_(views, seed, range(len(coefs)), coefs, hessian=h_views, offset=offset, **kw)
-        return op
-
+    bounds: list[hk.BoundParams] = []  # bound at the first local update (K > 1 only)
     try:
         for k, seed in enumerate(seeds):
             est = estimate_scalars(
@@ -258,15 +251,19 @@ def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple
                 # the local update of step k (no weight decay, no H update: those come with the aggregated round)
                 coefs = list(step_round([int(seed)], [est.scalars], lr=c.lr,
                                         divisor=replica.divisor()).coefficients)
-                log_k = perturb_with_undo(params, offsets, hessian, update_op(int(seed), coefs),
-                                          [update_op(int(seed), [-a for a in coefs])])
-                undo.append((int(seed), coefs, log_k))
+                if not bounds:
+                    bounds = bind_runs(params, hessian, split_runs(params, hk.global_offsets(params)),
+                                       distribution=c.distribution, stochastic_rounding=c.stochastic_rounding,
+                                       backend=c.backend)
+                terms = ([int(seed)] * len(coefs), list(range(len(coefs))))
+                revert = hk.Round(*terms, [-a for a in coefs])
+                for b in bounds:
+                    log_k = b.apply_logged(b.program([hk.Round(*terms, coefs), revert], "none"), 1)
+                    undo.append((b, revert, log_k))
     finally:
-        for seed, coefs, log_k in reversed(undo):
-            hk.zo_update_(params, seed, range(len(coefs)), [-a for a in coefs], hessian=hessian,
-                          distribution=c.distribution, stochastic_rounding=c.stochastic_rounding, backend=c.backend,
-                          check_hessian=False)
-            log_k.apply(params)
+        for b, revert, log_k in reversed(undo):
+            b.apply(b.program([revert], "none"))
+            log_k.restore()
     return tuple(scalars), (tuple(second) if c.sends_second_differences else None), sum(losses) / len(losses)
 
 
