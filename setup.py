@@ -32,7 +32,7 @@ DEFAULT_CUDA_ARCHS = "80;86;89;90;100;120+PTX"
 # -ffp-contract=off and no fast-math: the direction spec needs every fp32 operation rounded on its own.
 # -fno-math-errno lets sqrt vectorise (it changes no result); do not add -fno-fast-math, which turns errno back on
 # and makes the Gaussian transform five times slower.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-tree-loop-distribute-patterns"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off"]
 
 

@@ -12,6 +12,7 @@ primitive (``docs/kernels.md``, "Exact restore in the kernel")::
     log = b.apply_logged(prog, 1)      # x <- x + mu z, and the log of the elements -2mu, +mu would not bring back
     ...                                 # evaluate, perturb, evaluate, restore (plain runs)
     log.restore()                       # those elements get their original bits back
+    # or, in one pass: the chain's last rounds, the restore and an update (b.finish_logged(prog, log, n_chain))
 
 The arithmetic is the same as the public functions' (the same programs run on the same backends).
 """
@@ -138,6 +139,16 @@ class BoundParams:
 
             return IndexLog([])
         return self.backend.apply_logged(self.params, self.hessian, self.offsets, program, n_apply, chunk)
+
+    def finish_logged(self, program: Program, log: KernelLog, n_chain: int) -> None:
+        """Finish a logged chain and restore in one pass: run ``program`` (built with this binding), whose rounds
+        ``[0, n_chain)`` are the rest of the chain ``log`` was made for and whose other rounds are an update (they
+        may update H). The tensors end, bit for bit, as after the chain's rounds, ``log.restore()`` and then the
+        update rounds. The log is used up."""
+        if isinstance(n_chain, bool) or not isinstance(n_chain, int) or not 0 <= n_chain <= program.n_rounds:
+            raise ValueError(f"n_chain must be in [0, {program.n_rounds}] (the chain's rounds, then the update's)")
+        self._check_unmoved()
+        log.finish(self, program, n_chain)
 
     @property
     def log_support(self) -> tuple[bool, str]:

@@ -99,6 +99,63 @@ def test_advanced_log_fuses_restore_with_update(backend, dtype):
         assert_bitwise_equal(h, e, "H")
 
 
+@pytest.mark.parametrize("rule", ["gsq", "stein"])
+@pytest.mark.parametrize("n_chain", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_finish_logged_equals_restore_then_update(backend, dtype, n_chain, rule):
+    """finish_logged (the rest of the chain, the restore and an update that writes H, in one pass) == the chain, the
+    restore, then the update; n_chain = 2: the rest of the chain is two rounds, 0: the chain already ran."""
+    g = torch.Generator().manual_seed(3)
+    # 40,001 elements: three chunks of the C++ kernel, so logs of several chunks are patched in
+    params = [torch.randn(40001, generator=g).to(dtype), torch.randn(7, 3, generator=g).to(dtype)]
+    hessian = [torch.rand(p.shape, generator=g) + 0.5 for p in params]
+    mu = MU[dtype]
+    update = hk.Round([7, 7], [2, 3], [0.01, -0.02], [0.3, 0.1], weight_decay=1e-3)
+    expected, h_expected = [p.clone() for p in params], [h.clone() for h in hessian]
+    hk.replay_(expected, [update], hessian=h_expected, curvature_rule=rule, backend=backend)
+    b = hk.bind(params, hessian=hessian, curvature_rule=rule, backend=backend)
+    log = b.apply_logged(chain(b, mu), 1)
+    assert log.numel > 0
+    applied = {0: [-mu, -mu, mu], 1: [-mu, -mu], 2: [-mu]}[n_chain]  # the chain's rounds run before the finish
+    b.apply(b.shift_program(7, 2, applied))
+    rest = [hk.Round([7], [2], [a], update_hessian=False) for a in [mu, mu, -mu][3 - n_chain:]]
+    b.finish_logged(b.program(rest + [update]), log, n_chain)
+    for p, e in zip(params, expected):
+        assert_bitwise_equal(p, e, "x")
+    for h, e in zip(hessian, h_expected):
+        assert_bitwise_equal(h, e, "H")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_finish_logged_restore_only(backend, dtype):
+    params, hessian = tensors(dtype)
+    start = [p.clone() for p in params]
+    b = hk.bind(params, hessian=hessian, backend=backend)
+    mu = MU[dtype]
+    log = b.apply_logged(chain(b, mu), 1)
+    b.apply(b.shift_program(7, 2, [-mu, -mu]))
+    b.finish_logged(b.shift_program(7, 2, [mu]), log, 1)
+    for p, s in zip(params, start):
+        assert_bitwise_equal(p, s, "restored")
+
+
+@pytest.mark.skipif("cpu" not in BACKEND_NAMES, reason="the C++ backend is not built here")
+def test_patched_run_refuses_a_log_of_other_tensors():
+    params, _ = tensors(torch.float32, with_h=False)
+    others, _ = tensors(torch.float32, with_h=False, seed=1)
+    b, ob = hk.bind(params, backend="cpu"), hk.bind(others, backend="cpu")
+    log = b.apply_logged(chain(b, 1e-3), 1)
+    before = [o.clone() for o in others]
+    with pytest.raises(ValueError, match="other tensors"):
+        ob.finish_logged(ob.shift_program(7, 2, [-1e-3]), log, 1)
+    for o, s in zip(others, before):
+        assert_bitwise_equal(o, s, "unchanged")
+    with pytest.raises(ValueError, match="n_chain"):
+        b.finish_logged(b.shift_program(7, 2, [-1e-3]), log, 2)
+
+
 def test_bind_checks_once_and_refuses_moved_tensors():
     params, _ = tensors(torch.float32, with_h=False)
     b = hk.bind(params, backend="cpu")
@@ -161,12 +218,13 @@ def test_fused_step_equals_replay_and_counts_passes(difference, monkeypatch):
     replica, _ = mlp()
     opt = ZOSGD(model.parameters(), lr=0.01, num_directions=3, difference=difference, seed=4, backend="cpu")
     calls = []
-    for name in ("apply", "apply_logged"):
+    for name in ("apply", "apply_logged", "finish_logged"):
         method = getattr(hk.BoundParams, name)
         monkeypatch.setattr(hk.BoundParams, name,
                             lambda self, *a, _m=method, _n=name, **k: (calls.append(_n), _m(self, *a, **k))[1])
     opt.step(loss)
     assert len(calls) == (9 if difference == "central" else 6) and calls.count("apply_logged") == 3
+    assert calls.count("finish_logged") == 3  # every direction's last restore is patched into a pass
     for _ in range(3):
         opt.step(loss)
     ZOSGD(replica.parameters(), lr=0.01, num_directions=3, difference=difference, seed=4, backend="cpu").replay(

@@ -13,6 +13,7 @@ namespace cpu {
 // stored bits, as positions in the chunk (global index 4 g_begin + pos, below 2^14 + 2^2) and the stored bits from
 // before the program (v32 for fp32, v16 for bf16 / fp16).
 struct ChunkLog {
+  int64_t chunk = 0;  // index in the launch's chunk table
   int64_t slot = 0;
   uint64_t g_begin = 0;
   std::vector<uint16_t> pos;
@@ -36,6 +37,12 @@ struct Job {
   // log == nullptr: an ordinary run (n_apply is ignored).
   int64_t n_apply = 0;
   ChunkLog* log = nullptr;
+  // Patched run (an ordinary run that finishes a logged chain): patch[chunk] is that chunk's undo log or nullptr;
+  // before round n_patch (after the last round if n_patch == n_rounds) every logged element takes its saved
+  // value. Rounds [0, n_patch) complete the chain, which brings every other element back to its bits, so rounds
+  // [n_patch, n_rounds) start from the exact original tensors: restore and update in one pass, no sparse fix-up.
+  const ChunkLog* const* patch = nullptr;
+  int64_t n_patch = 0;
 };
 
 // One definition per instruction set (see zo_cpu_isa_*.cpp).

@@ -141,6 +141,9 @@ class LogBuffer {
     return n;
   }
 
+  // Drop the entries (after a patched run consumed them).
+  void clear() { std::vector<ChunkLog>().swap(logs_); }
+
   // Write the saved values into the tensors.
   void restore(int num_threads) {
     py::gil_scoped_release release;
@@ -186,6 +189,38 @@ std::unique_ptr<LogBuffer> run_logged(int64_t slots, int64_t n_slots, int64_t ch
     buffer->compact();
   }
   return buffer;
+}
+
+// A run that finishes a logged chain and restores in the same pass (Job::patch): before round n_patch every logged
+// element takes its saved value. The launch must cover the logged run's tensors with the same chunk table (the
+// Python side passes the same launch plan); the log is consumed (emptied) by the run.
+void run_patched(LogBuffer& log, int64_t n_patch, int64_t slots, int64_t chunks, int64_t n_chunks,
+                 int64_t groups_per_chunk, int dtype, bool has_h, int rule, int distribution, int num_threads,
+                 int64_t seeds, int64_t dirs, int64_t coef_x, int64_t coef_h, int64_t round_start, int64_t round_wd,
+                 int64_t round_rseed, int64_t round_flags, int64_t n_rounds, double beta, double one_minus_beta,
+                 double h_min) {
+  Job job = make_job(slots, chunks, n_chunks, groups_per_chunk, dtype, has_h, rule, distribution, num_threads, seeds,
+                     dirs, coef_x, coef_h, round_start, round_wd, round_rseed, round_flags, n_rounds, beta,
+                     one_minus_beta, h_min);
+  if (n_patch < 0 || n_patch > n_rounds) throw std::invalid_argument("n_patch must be in [0, n_rounds]");
+  if (dtype != log.dtype()) throw std::invalid_argument("the log was made on tensors of another dtype");
+  std::vector<const ChunkLog*> by_chunk(static_cast<size_t>(n_chunks), nullptr);
+  for (const ChunkLog& cl : log.logs()) {
+    const bool same_chunk = cl.chunk >= 0 && cl.chunk < n_chunks && job.chunks[2 * cl.chunk] == cl.slot &&
+                            static_cast<uint64_t>(job.chunks[2 * cl.chunk + 1]) == cl.g_begin;
+    const int64_t* a = job.slots + 4 * cl.slot;
+    const int64_t* b = log.slots() + 4 * cl.slot;
+    if (!same_chunk || a[0] != b[0] || a[2] != b[2] || a[3] != b[3])
+      throw std::invalid_argument("the log was made on other tensors or with another chunk table");
+    by_chunk[static_cast<size_t>(cl.chunk)] = &cl;
+  }
+  job.patch = by_chunk.data();
+  job.n_patch = n_patch;
+  {
+    py::gil_scoped_release release;
+    current_isa().run(job);
+  }
+  log.clear();
 }
 
 // The logged elements' saved values become what the program (one of the rules, H read from the logged tensors)
@@ -238,6 +273,14 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("num_threads"), py::arg("seeds"), py::arg("dirs"), py::arg("coef_x"), py::arg("coef_h"),
         py::arg("round_start"), py::arg("round_wd"), py::arg("round_rseed"), py::arg("round_flags"),
         py::arg("n_rounds"), py::arg("n_apply"));
+  m.def("run_patched", &run_patched,
+        "Run a program whose first n_patch rounds finish a logged chain; the logged elements take their saved "
+        "values before round n_patch (restore and update in one pass). Consumes the log.",
+        py::arg("log"), py::arg("n_patch"), py::kw_only(), py::arg("slots"), py::arg("chunks"), py::arg("n_chunks"),
+        py::arg("groups_per_chunk"), py::arg("dtype"), py::arg("has_h"), py::arg("rule"), py::arg("distribution"),
+        py::arg("num_threads"), py::arg("seeds"), py::arg("dirs"), py::arg("coef_x"), py::arg("coef_h"),
+        py::arg("round_start"), py::arg("round_wd"), py::arg("round_rseed"), py::arg("round_flags"),
+        py::arg("n_rounds"), py::arg("beta"), py::arg("one_minus_beta"), py::arg("h_min"));
   m.def("advance_log", &advance_log, "Apply a program to the logged elements' saved values (H read, not written).",
         py::arg("log"), py::kw_only(), py::arg("rule"), py::arg("distribution"), py::arg("num_threads"),
         py::arg("seeds"), py::arg("dirs"), py::arg("coef_x"), py::arg("coef_h"), py::arg("round_start"),

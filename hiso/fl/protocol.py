@@ -262,8 +262,7 @@ def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple
                     undo.append((b, revert, log_k))
     finally:
         for b, revert, log_k in reversed(undo):
-            b.apply(b.program([revert], "none"))
-            log_k.restore()
+            b.finish_logged(b.program([revert], "none"), log_k, 1)  # the revert and the restore in one pass
     return tuple(scalars), (tuple(second) if c.sends_second_differences else None), sum(losses) / len(losses)
 
 

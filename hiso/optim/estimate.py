@@ -170,21 +170,27 @@ class Pending:
 
     def finish(self, updates: Sequence[Sequence[hk.Round]] | None) -> None:
         """Undo the perturbation and apply ``updates[i]`` (rounds of run i's binding) in the same pass: the result
-        equals, bit for bit, restoring and then updating (the logged elements' originals are advanced through the
-        update first, :meth:`hiso_kernels.KernelLog.advance`). ``None``: restore only."""
+        equals, bit for bit, restoring and then updating (:meth:`hiso_kernels.BoundParams.finish_logged`: on the CPU
+        the pass puts the logged elements' original bits in before the update's rounds; elsewhere the originals are
+        advanced through the update first). ``None``: restore only."""
         if self.closed:
             return
         self.closed = True
         for i, (b, log) in enumerate(zip(self._bounds, self.logs)):
             extra = list(updates[i]) if updates is not None else []
             if extra:
-                if log is not None:
-                    log.advance(b.program(extra))
-                b.apply(b.program(self._rounds(self._remaining) + extra))
+                program = b.program(self._rounds(self._remaining) + extra)
             elif self._remaining:
-                b.apply(b.shift_program(self._seed, self._p, self._remaining))
-            if log is not None:
+                program = b.shift_program(self._seed, self._p, self._remaining)
+            else:
+                program = None
+            if log is None:
+                if program is not None:
+                    b.apply(program)
+            elif program is None:
                 log.restore()
+            else:  # one pass: the chain's rest, the logged elements' original bits, then the update
+                b.finish_logged(program, log, len(self._remaining))
 
 
 def _evaluate_chain(closure, bounds, seed, *, mu, num_directions, central, with_f0, strict, exact_restore,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .._codes import DTYPE_CODES
-from .._program import Program
+from .._program import Program, sub_program
 from ..spec import Distribution
 
 #: set to 1 to wait for every GPU launch and raise its error at the call that made it (debugging; slow)
@@ -205,6 +205,34 @@ class KernelLog(abc.ABC):
         """The saved values become what ``program`` makes of them, with H read from the tensors (not written): call
         it before a dense pass that runs ``program`` after the restore rounds, then :meth:`restore` after it, and the
         logged elements end where the program takes their exact original values (the fused restore + update)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors (or views of them) whose elements the log holds."""
+        raise NotImplementedError
+
+    def finish(self, bound, program: Program, n_chain: int) -> None:
+        """Run ``program`` on ``bound`` (a :class:`~hiso_kernels.BoundParams` over the logged tensors; one dense
+        pass) where its rounds ``[0, n_chain)`` finish the logged chain and the others are an update: the tensors
+        end, bit for bit, as if the chain had been undone exactly and the update then applied (the fused restore +
+        update). The log is used up.
+
+        This default advances the saved values through the update rounds (a sparse fix-up that regenerates each
+        logged element's directions), runs the pass and writes the saved values back; the C++ log overrides it and
+        puts the saved values in inside the pass, before round ``n_chain``, where the directions are at hand."""
+        if not 0 <= n_chain <= program.n_rounds:
+            raise ValueError(f"n_chain must be in [0, {program.n_rounds}], got {n_chain}")
+        if not all(any(_inside(t, p) for p in bound.params) for t in self.tensors()):
+            raise ValueError("the log was made on other tensors than the binding's")
+        if n_chain < program.n_rounds:
+            self.advance(sub_program(program, n_chain, program.n_rounds))
+        bound.apply(program)
+        self.restore()
+
+
+def _inside(view: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether ``view``'s first element lies in ``tensor``'s memory."""
+    start = tensor.data_ptr()
+    return view.device == tensor.device and start <= view.data_ptr() < start + tensor.numel() * tensor.element_size()
 
 
 class LaunchPlan:

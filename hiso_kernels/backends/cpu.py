@@ -44,7 +44,8 @@ class CpuBackend(Backend):
             return False, _IMPORT_ERROR
         if not hasattr(_native, "run_logged"):
             return False, "the built hiso_kernels._cpu predates the in-kernel undo log: rebuild it"
-        return True, "one pass; per-chunk logs kept by each thread, no capacity limit"
+        return True, ("one pass; per-chunk logs kept by each thread, no capacity limit; the restore is put into the "
+                      "final pass (run_patched)")
 
     def apply_logged(self, params, hessian, offsets, program: Program, n_apply: int, chunk=None) -> KernelLog:
         threads = _threads(params, program)
@@ -55,7 +56,7 @@ class CpuBackend(Backend):
             for key in ("rule", "beta", "one_minus_beta", "h_min"):
                 del args[key]
             buf = _native.run_logged(**args, n_slots=len(p), num_threads=threads, n_apply=n_apply)
-            parts.append((buf, p, h))
+            parts.append((buf, p, h, plan))
         return CpuLog(parts, threads)
 
     def directions(self, seed, direction, offset, numel, distribution: Distribution, device) -> torch.Tensor:
@@ -77,26 +78,45 @@ def _threads(params, program: Program) -> int:
 
 
 class CpuLog(KernelLog):
-    """Undo logs of the C++ kernel (one ``LogBuffer`` per dtype group), with the tensors they refer to."""
+    """Undo logs of the C++ kernel (one ``LogBuffer`` per dtype group), with the tensors they refer to and the launch
+    plan they were made with (a patched run must use the same chunk table)."""
 
     def __init__(self, parts, threads: int):
-        self._parts = parts  # (LogBuffer, params, hessian or None): the tensors stay alive with the log
+        self._parts = parts  # (LogBuffer, params, hessian or None, plan): the tensors stay alive with the log
         self._threads = threads
 
     @property
     def numel(self) -> int:
-        return sum(buf.size() for buf, _, _ in self._parts)
+        return sum(buf.size() for buf, *_ in self._parts)
 
     @property
     def nbytes(self) -> int:
-        return sum(buf.nbytes() for buf, _, _ in self._parts)
+        return sum(buf.nbytes() for buf, *_ in self._parts)
 
     def restore(self) -> None:
-        for buf, _, _ in self._parts:
+        for buf, *_ in self._parts:
             buf.restore(self._threads)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [p for _, ps, _, _ in self._parts for p in ps]
+
+    def finish(self, bound, program: Program, n_chain: int) -> None:
+        """The pass itself puts the logged elements' saved values in before round ``n_chain`` (``run_patched``,
+        with the plan the log was made with): no sparse fix-up and no separate restore."""
+        if not hasattr(_native, "run_patched"):  # a build from before the patched runs
+            return super().finish(bound, program, n_chain)
+        if not 0 <= n_chain <= program.n_rounds:
+            raise ValueError(f"n_chain must be in [0, {program.n_rounds}], got {n_chain}")
+        key = sorted((t.data_ptr(), t.numel(), str(t.dtype)) for t in self.tensors())
+        if key != sorted((t.data_ptr(), t.numel(), str(t.dtype)) for t in bound.params):
+            raise ValueError("the log was made on other tensors than the binding's")
+        threads = _threads(self.tensors(), program)
+        for buf, _, h, plan in self._parts:
+            _native.run_patched(buf, n_chain, **native_program_args(plan, program, h is not None),
+                                num_threads=threads)
+
     def advance(self, program: Program) -> None:
-        for buf, _, h in self._parts:
+        for buf, _, h, _ in self._parts:
             _native.advance_log(
                 buf, rule=int(program.rule), distribution=int(program.distribution), num_threads=self._threads,
                 seeds=program.seeds.data_ptr(), dirs=program.dirs.data_ptr(), coef_x=program.coef_x.data_ptr(),

@@ -238,6 +238,9 @@ class IndexLog(KernelLog):
     def nbytes(self) -> int:
         return sum(int(e[3].numel()) * (8 + e[4].element_size()) for e in self._entries)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [e[0] for e in self._entries]
+
     def restore(self) -> None:
         for x, _, _, idx, values in self._entries:
             x.view(-1).index_copy_(0, idx, values)

@@ -90,16 +90,19 @@ HISO_HD void accumulate_term(float u, float a, float b, float& acc_x, float& acc
   }
 }
 
+// The x part of a round: y = x - (acc_x / s + wd x) with s = sqrt(h) (acc_x alone without H). Kernels that run
+// several rounds with H fixed may compute s once and call this directly: the same operations, the same bits.
+template <bool HAS_H>
+HISO_HD float round_x(float x, float s, float acc_x, float wd) {
+  const float t = HAS_H ? HISO_DIV(acc_x, s) : acc_x;
+  return x - (t + wd * x);
+}
+
 // Applies the end of a round to one element: returns the unrounded new x and updates h in place.
 template <bool HAS_H, int RULE>
 HISO_HD float finish_round(float x, float& h, float acc_x, float acc_h, float wd, const Program& prog) {
-  float t = acc_x;
-  float s = 1.0f;
-  if (HAS_H) {
-    s = HISO_SQRT(h);
-    t = HISO_DIV(acc_x, s);
-  }
-  const float y = x - (t + wd * x);
+  const float s = HAS_H ? HISO_SQRT(h) : 1.0f;
+  const float y = round_x<HAS_H>(x, s, acc_x, wd);
   if (HAS_H && RULE != kRuleNone) {
     float v;
     if (RULE == kRuleGsq) {
