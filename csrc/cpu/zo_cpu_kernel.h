@@ -13,7 +13,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include "hiso/zo_round.h"
@@ -39,9 +39,58 @@ constexpr int kTile = 4 * kTileGroups;
 
 // Philox words of 16 consecutive groups in structure-of-arrays form.
 struct TileWords {
-  uint32_t w[4][kTileGroups];
+  alignas(32) uint32_t w[4][kTileGroups];
 };
 
+#if defined(HISO_CPU_AVX2)
+// Philox4x32-10 of 16 consecutive groups, eight lanes at a time, written with AVX2 intrinsics: GCC vectorises the
+// portable loop below by widening every 32 x 32 -> 64-bit multiply to 64-bit lanes and packing the halves back with
+// cross-lane permutes (vpshufd / vperm2i128 were half of the generator's time). Here the products of the even and
+// the odd lanes come from two vpmuludq and are split into high and low words with shifts and blends, in lane.
+// Integer arithmetic throughout: the same words as philox4x32_10, bit for bit (the known-answer tests check).
+static inline void mul_wide(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6 as 64-bit products
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+static inline void tile_words(uint32_t c2, uint32_t c3, uint64_t key, uint64_t g0, TileWords& out) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int half = 0; half < kTileGroups / 8; ++half) {
+    alignas(32) uint32_t lo_g[8], hi_g[8];
+    for (int i = 0; i < 8; ++i) {
+      const uint64_t g = g0 + static_cast<uint64_t>(8 * half + i);
+      lo_g[i] = static_cast<uint32_t>(g);
+      hi_g[i] = static_cast<uint32_t>(g >> 32);
+    }
+    __m256i c0v = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_g));
+    __m256i c1v = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_g));
+    __m256i c2v = _mm256_set1_epi32(static_cast<int>(c2));
+    __m256i c3v = _mm256_set1_epi32(static_cast<int>(c3));
+    uint32_t k0 = static_cast<uint32_t>(key);
+    uint32_t k1 = static_cast<uint32_t>(key >> 32);
+    for (int r = 0; r < 10; ++r) {
+      __m256i hi0, lo0, hi1, lo1;
+      mul_wide(c0v, m0, hi0, lo0);
+      mul_wide(c2v, m1, hi1, lo1);
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1v), _mm256_set1_epi32(static_cast<int>(k0)));
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3v), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1v = lo1;
+      c3v = lo0;
+      c0v = n0;
+      c2v = n2;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(&out.w[0][8 * half]), c0v);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(&out.w[1][8 * half]), c1v);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(&out.w[2][8 * half]), c2v);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(&out.w[3][8 * half]), c3v);
+  }
+}
+#else
 static inline void tile_words(uint32_t c2, uint32_t c3, uint64_t key, uint64_t g0, TileWords& out) {
   const uint32_t k0 = static_cast<uint32_t>(key);
   const uint32_t k1 = static_cast<uint32_t>(key >> 32);
@@ -55,6 +104,7 @@ static inline void tile_words(uint32_t c2, uint32_t c3, uint64_t key, uint64_t g
     out.w[3][i] = r.v[3];
   }
 }
+#endif
 
 // u[4 i + l] = direction value of element 4 (g0 + i) + l.
 template <int DIST>
