@@ -227,6 +227,7 @@ def test_claim_report_from_run_files(tmp_path):
     assert "| decomfl-central | 3 | 0.002 | yes |" in text and "complete |" in text
     assert "hiso-scalar-central | 3 | 0.005 | yes" in text and "| partial |" in text
     assert "hiso-absdelta-central vs decomfl-central: ratio of medians 2.18x" in text and "2x target met" in text
-    assert "hiso-scalar-central vs decomfl-central" in text and "2x target not met" in text
+    assert "hiso-scalar-central vs decomfl-central" in text
+    assert "2x target not testable yet (runs missing); so far not met" in text  # the partial arm decides nothing
     assert "hiso-absdelta-central vs its scalar ablation hiso-scalar-central: median gap 80 rounds" in text
     assert (tmp_path / "report.md").exists() and (tmp_path / "report.png").exists()

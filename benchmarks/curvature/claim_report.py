@@ -46,6 +46,18 @@ def summarize(runs: dict[tuple[int, float], dict], target: float) -> dict | None
     return None
 
 
+def _untestable(summary: dict) -> list[str]:
+    """Why an arm's numbers cannot decide a claim yet (PREREGISTRATION.md: 3 seeds, an interior best lr)."""
+    gaps = []
+    if len(summary["seeds"]) < 3:
+        gaps.append(f"{len(summary['seeds'])} of 3 seeds")
+    elif summary["partial"]:
+        gaps.append("runs missing")
+    if not summary["interior"]:
+        gaps.append("best lr not interior")
+    return gaps
+
+
 def report(out: str, st: dict, machine: str = "") -> str:
     """Write ``report.md`` and ``report.png`` in ``out``; returns the markdown."""
     target = st["target"]
@@ -80,8 +92,12 @@ def report(out: str, st: dict, machine: str = "") -> str:
             if a.startswith("hiso-"):
                 t = cs.halves(rounds(a), rounds(base))
                 ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+                verdict = "met" if t["passed"] else "not met"
+                gaps = _untestable(arms[a]) + _untestable(arms[base])
+                if gaps:  # a verdict needs 3 seeds and an interior best lr on both sides
+                    verdict = f"not testable yet ({'; '.join(sorted(set(gaps)))}); so far {verdict}"
                 lines.append(f"- {a} vs {base}: ratio of medians {ratio}; median halved: {t['median_halved']}; "
-                             f"ranges disjoint: {t['disjoint']}; **2x target {'met' if t['passed'] else 'not met'}**")
+                             f"ranges disjoint: {t['disjoint']}; **2x target {verdict}**")
     for a in arms:
         rule_diff = a[5:] if a.startswith("hiso-") else None
         if rule_diff is None or rule_diff.startswith("scalar-"):
@@ -90,9 +106,11 @@ def report(out: str, st: dict, machine: str = "") -> str:
         abl = f"hiso-scalar-{diff}"
         if abl in arms:
             t = cs.beats_by_spread(rounds(a), rounds(abl))
+            gaps = _untestable(arms[a]) + _untestable(arms[abl])
+            note = f" (not testable yet: {'; '.join(sorted(set(gaps)))})" if gaps else ""
             lines.append(f"- {a} vs its scalar ablation {abl}: median gap {t['gap']:.0f} rounds, larger seed range "
                          f"{t['spread']:.0f}: **{'beats it' if t['passed'] else 'does not beat it'} by more than the "
-                         f"seed spread**")
+                         f"seed spread**{note}")
     lines += ["", "## Conditions", "", f"Settings: `{json.dumps(st, sort_keys=True)}`", ""]
     if machine:
         lines.append(f"Machine: {machine}.")
