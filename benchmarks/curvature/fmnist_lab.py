@@ -83,10 +83,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "fmnist")
 TARGETS = (0.45, 0.50, 0.55)
 T_MAIN = 0.50
-METHODS = ("decomfl", "gsq", "scalar", "stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta",
-           "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar")
+METHODS = ("decomfl", "decomfl-sched", "gsq", "scalar", "stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit",
+           "absdelta", "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar")
 CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "bcd", "bcd-scalar", "bcd-adapt",
         "bcd-adapt-scalar"}  # rules that need f(x) and send Delta_p
+
+
+def absdelta_schedule(rounds: int, lr: float = 1e-4) -> list[float]:
+    """The control that would explain absdelta away: its step size lr / h_t is an annealing schedule (high early,
+    falling as the curvature magnitude h grows). Returns, per round, absdelta's effective lr (median over the seeds
+    it ran at ``lr``, its best lr; h recorded every 10 rounds, held constant in between, the first record also for
+    rounds 0-9) divided by the last round's, so that ``decomfl-sched`` at lr L follows absdelta's schedule shape and
+    ends at L. A fixed schedule: no curvature, nothing measured during the run."""
+    runs = [r for (_, lr_), r in load_runs("absdelta", "central").items() if abs(lr_ - lr) < 1e-12]
+    if len(runs) < 3:
+        raise SystemExit(f"decomfl-sched needs the absdelta runs at lr {lr:g} (3 seeds) in {OUT}")
+    per_run = []
+    for r in runs:
+        hist = {row["round"]: row["h"] for row in r["state_history"]}
+        first = min(hist)
+        # the h in force during round t: recorded after rounds 10, 20, ...; the first record also for rounds 0-9
+        per_run.append([lr / hist[max(first, (t // 10) * 10)] for t in range(rounds)])
+    med = [float(np.median([e[t] for e in per_run])) for t in range(rounds)]
+    return [m / med[-1] for m in med]
 
 
 # ------------------------------------------------------------------------------------------------ the lab
@@ -180,6 +199,7 @@ class Lab:
             nb = len(self.blocks)
             st["hb"] = [None] * nb
             st["rhat"] = [None] * nb
+        schedule = absdelta_schedule(self.rounds) if method == "decomfl-sched" else None
         curve, hist, diverged, block_counts = [], [], False, None
         if method.startswith("bcd"):
             block_counts = [0] * len(self.blocks)
@@ -200,11 +220,12 @@ class Lab:
             f0 = self.loss_fn(batches) if need_f0 else None
             cs, ds, tb = [], [], []
             try:
-                if method in ("decomfl",):
+                if method in ("decomfl", "decomfl-sched"):
                     for p in range(P):
                         c, dl = self.probe(seed, p, batches, difference, f0)
                         cs.append(c)
-                    hk.zo_update_(self.params, seed, range(P), [lr * c / P for c in cs])
+                    lr_t = lr * schedule[rnd] if schedule is not None else lr
+                    hk.zo_update_(self.params, seed, range(P), [lr_t * c / P for c in cs])
                 elif method in ("gsq", "stein"):
                     for p in range(P):
                         c, dl = self.probe(seed, p, batches, difference, f0, hessian=st["H"])
@@ -329,6 +350,8 @@ class Lab:
                                  H_mean=[float(H.mean()) for H in st["H"]] if st["H"] is not None else None))
         out = dict(curve=curve, diverged=diverged, seconds=time.time() - t0, state_history=hist,
                    block_counts=block_counts)
+        if schedule is not None:
+            out["schedule_every_10"] = schedule[::10]
         if diag and not diverged:
             out["diagnostics"] = self.diagnostics(st)
         return out
