@@ -129,7 +129,6 @@ def chunked_logged_run(backend: Backend, params, hessian, offsets, program: Prog
                        chunk: int = LOG_CHUNK) -> KernelLog:
     """A logged run out of plain runs (:func:`undo_entries` over chunks of about ``chunk`` elements, consecutive in
     global index across tensors): apply the applied rounds, simulate the others, keep what does not come back."""
-    from .._program import sub_program
     from .reference import IndexLog
 
     head, tail = sub_program(program, 0, n_apply), sub_program(program, n_apply, program.n_rounds)
@@ -218,9 +217,8 @@ class KernelLog(abc.ABC):
 
         This default advances the saved values through the update rounds (a sparse fix-up that regenerates each
         logged element's directions), runs the pass and writes the saved values back; the C++ log overrides it and
-        puts the saved values in inside the pass, before round ``n_chain``, where the directions are at hand."""
-        if not 0 <= n_chain <= program.n_rounds:
-            raise ValueError(f"n_chain must be in [0, {program.n_rounds}], got {n_chain}")
+        puts the saved values in inside the pass, before round ``n_chain``, where the directions are at hand.
+        ``n_chain`` is checked by :meth:`~hiso_kernels.BoundParams.finish_logged`, the entry point."""
         if not all(any(_inside(t, p) for p in bound.params) for t in self.tensors()):
             raise ValueError("the log was made on other tensors than the binding's")
         if n_chain < program.n_rounds:
