@@ -42,6 +42,21 @@ forward: (f(x + mu z) - f(x)) / mu (P + 1), as in the authors' HiSo / DeComFL co
   bcd-adapt        bcd with pi_t = 0.8 rhat_t / sum rhat + 0.2 n_t / d, rhat_t = EMA_0.5 of c_p^2 / (h_t (n_t + 2))
                    on block t (estimates r_t = ||g_t||^2 / tr(A_t)); never-sampled blocks take max rhat
   bcd-adapt-scalar bcd-adapt with one pooled h
+Reduced-dimension direction families (the issue's "direction family that lowers the effective dimension"; each is
+regenerated from the round seed, the round index and the shared parameters, so it stays scalar-only). Only the
+matrices (weights, conv kernels as out x in*k*k) change family; vectors (biases) keep the full u restricted to them.
+  sparse           Sparse-MeZO (Liu et al., arXiv 2402.15751): z_p = m * u_p with the mask m = [|x_j| <= q_t], q_t
+                   the (1 - s)-quantile of |x| in tensor t at the start of the round (s = --sparsity, default 0.75:
+                   perturb the 25% smallest-magnitude weights of every matrix); DeComFL's update
+                   x <- x - lr/P sum c_p z_p. Every replica holds the same x, so it recomputes the mask; nothing
+                   else is sent.
+  lozo             LOZO (Chen et al., arXiv 2410.07698): per matrix W (m x n), z_p = U_p V^T / sqrt(r) with
+                   U_p ~ N(0, I_{m x r}) fresh per (round, p) and V ~ N(0, I_{n x r}) redrawn every nu rounds
+                   ("lazy sampling": the updates of a window share V's row space); r = --lozo-rank (2), nu = --lozo-nu
+                   (50), as in the paper's defaults; / sqrt(r) keeps E||z||^2 = d. U and V come from torch.Generator
+                   seeded with derive_seed(round seed, p, tensor) and derive_seed(run seed, round // nu, tensor).
+                   DeComFL's update with these z_p.
+  absdelta-sparse, absdelta-lozo  absdelta's step (lr / h, h from 2 mean |Delta_p| / d) with those directions.
 Bytes per reply (K = 1): 4 P (+ 4 P for the rules that send Delta_p), plus the message header.
 
 **Metrics and protocol** (PREREGISTRATION.md): rounds to T = 0.50 (also 0.45, 0.55), AUC, final accuracy; one JSON
@@ -84,9 +99,11 @@ OUT = os.path.join(HERE, "results", "fmnist")
 TARGETS = (0.45, 0.50, 0.55)
 T_MAIN = 0.50
 METHODS = ("decomfl", "decomfl-sched", "gsq", "scalar", "stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit",
-           "absdelta", "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar")
+           "absdelta", "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar", "sparse", "lozo", "absdelta-sparse",
+           "absdelta-lozo")
 CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "bcd", "bcd-scalar", "bcd-adapt",
-        "bcd-adapt-scalar"}  # rules that need f(x) and send Delta_p
+        "bcd-adapt-scalar", "absdelta-sparse", "absdelta-lozo"}  # rules that need f(x) and send Delta_p
+FAMILIES = {"sparse": "sparse", "lozo": "lozo", "absdelta-sparse": "sparse", "absdelta-lozo": "lozo"}
 
 
 def absdelta_schedule(rounds: int, lr: float = 1e-4) -> list[float]:
@@ -108,13 +125,61 @@ def absdelta_schedule(rounds: int, lr: float = 1e-4) -> list[float]:
     return [m / med[-1] for m in med]
 
 
+# ------------------------------------------------------------------------------------------------ direction families
+@torch.no_grad()
+def sparse_masks(params, sparsity):
+    """Sparse-MeZO's masks (arXiv 2402.15751) from the shared parameters: per matrix (dim >= 2), 1 on the
+    round(1 - sparsity) fraction of smallest |x| (ties at the threshold included), None for vectors."""
+    masks = []
+    for t in params:
+        if t.dim() < 2:
+            masks.append(None)
+            continue
+        a = t.detach().abs()
+        k = max(1, round((1.0 - sparsity) * a.numel()))
+        q = torch.kthvalue(a.flatten(), k).values
+        masks.append((a <= q).to(t.dtype))
+    return masks
+
+
+def family_direction(family, params, offsets, seed, run_seed, rnd, p, *, masks=None, rank=2, nu=50):
+    """Direction p of round rnd of a reduced-dimension family as per-tensor float32 tensors, regenerated from
+    (round seed, p) and (run seed, rnd // nu) -- every replica draws the same. Vectors keep u (the library's
+    direction with the tensor's global offset); matrices (conv kernels as out x in*k*k):
+      sparse: m * u (``sparse_masks``);
+      lozo:   U V^T / sqrt(r), U ~ N(0, I_{m x r}) per (round, p), V ~ N(0, I_{n x r}) per window of nu rounds
+              (LOZO's lazy sampling, arXiv 2410.07698); E||z||^2 = m n as for u."""
+    if family not in ("sparse", "lozo"):
+        raise ValueError(f"unknown direction family {family!r}")
+    out = []
+    for i, t in enumerate(params):
+        u = hk.directions(seed, t.numel(), direction=p, offset=offsets[i]).view_as(t)
+        if t.dim() < 2:
+            out.append(u)
+        elif family == "sparse":
+            out.append(u * masks[i])
+        else:
+            m = t.shape[0]
+            n = t.numel() // m
+            gu = torch.Generator().manual_seed(spec.derive_seed(seed, p, 0x10205, i))
+            gv = torch.Generator().manual_seed(spec.derive_seed(run_seed, rnd // nu, 0x10206, i))
+            U = torch.randn(m, rank, generator=gu)
+            V = torch.randn(n, rank, generator=gv)
+            out.append((U @ V.T / math.sqrt(rank)).view_as(t))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the lab
 class Lab:
-    def __init__(self, seed: int, rounds: int = 300, P: int = 5, mu: float = 1e-3, blocks: str = "layer"):
+    def __init__(self, seed: int, rounds: int = 300, P: int = 5, mu: float = 1e-3, blocks: str = "layer",
+                 sparsity: float = 0.75, lozo_rank: int = 2, lozo_nu: int = 50):
         self.cfg = SimulationConfig(task="fashion_mnist", method="decomfl", rounds=rounds, n_clients=10,
                                     clients_per_round=3, local_steps=1, num_directions=P, mu=mu, batch_size=32,
                                     num_train=10000, num_eval=2000, seed=seed, eval_every=10)
         self.seed, self.rounds, self.P, self.mu = seed, rounds, P, mu
+        if not 0.0 <= sparsity < 1.0 or lozo_rank < 1 or lozo_nu < 1:
+            raise ValueError("need 0 <= sparsity < 1, lozo_rank >= 1, lozo_nu >= 1")
+        self.sparsity, self.lozo_rank, self.lozo_nu = sparsity, lozo_rank, lozo_nu
         setup = build(self.cfg)
         self.task, self.model, self.eval_batches = setup.task, setup.model, setup.eval_batches
         self.streams = [BatchStream(self.task, ex, 32, seed * 1000 + i, "cpu")
@@ -184,6 +249,30 @@ class Lab:
     def dirs(self, seed, p):
         return hk.directions(seed, self.d, direction=p).double()
 
+    # ---------------------------------------------------------------- reduced-dimension direction families
+    def family_dirs(self, family, seed, rnd, p, masks):
+        return family_direction(family, self.params, self.offsets, seed, self.seed, rnd, p, masks=masks,
+                                rank=self.lozo_rank, nu=self.lozo_nu)
+
+    def sparse_masks(self):
+        return sparse_masks(self.params, self.sparsity)
+
+    @torch.no_grad()
+    def probe_dirs(self, z, batches, f0):
+        """(c, Delta or None) along the materialised direction z; the parameters are restored exactly."""
+        mu = self.mu
+        x0 = [t.detach().clone() for t in self.params]
+        for t, x, zt in zip(self.params, x0, z):
+            t.copy_(x).add_(zt, alpha=mu)
+        fp = self.loss_fn(batches)
+        for t, x, zt in zip(self.params, x0, z):
+            t.copy_(x).add_(zt, alpha=-mu)
+        fm = self.loss_fn(batches)
+        for t, x in zip(self.params, x0):
+            t.copy_(x)
+        c = (fp - fm) / (2 * mu)
+        return c, None if f0 is None else (fp + fm - 2 * f0) / (2 * mu * mu)
+
     # ---------------------------------------------------------------- one run
     def run(self, method, lr, difference="central", diag=False, log_every=10):
         P, d = self.P, self.d
@@ -226,6 +315,26 @@ class Lab:
                         cs.append(c)
                     lr_t = lr * schedule[rnd] if schedule is not None else lr
                     hk.zo_update_(self.params, seed, range(P), [lr_t * c / P for c in cs])
+                elif method in FAMILIES:
+                    family = FAMILIES[method]
+                    masks = self.sparse_masks() if family == "sparse" else None
+                    zs = [self.family_dirs(family, seed, rnd, p, masks) for p in range(P)]
+                    for z in zs:
+                        c, dl = self.probe_dirs(z, batches, f0 if method in CURV else None)
+                        cs.append(c)
+                        ds.append(dl)
+                    h = st["h"] if method in CURV else 1.0
+                    if all(math.isfinite(c) for c in cs):
+                        with torch.no_grad():
+                            for i, t in enumerate(self.params):
+                                t.sub_(sum(zs[p][i] * (lr * cs[p] / (P * h)) for p in range(P)))
+                    if method in CURV:  # absdelta's scalar h, as in the absdelta branch
+                        v = 2 * sum(abs(x) for x in ds) / (P * d)
+                        beta = 0.0 if rnd == 0 else 0.9
+                        st["h"] = max(beta * h + (1 - beta) * v, 1e-8)
+                    if masks is not None and rnd == 0:
+                        st["mask_fraction"] = sum(float(m.sum()) for m in masks if m is not None) / sum(
+                            m.numel() for m in masks if m is not None)
                 elif method in ("gsq", "stein"):
                     for p in range(P):
                         c, dl = self.probe(seed, p, batches, difference, f0, hessian=st["H"])
@@ -345,11 +454,15 @@ class Lab:
             if (rnd + 1) % 10 == 0 or rnd + 1 == self.rounds:
                 evaluate(rnd + 1)
                 hist.append(dict(round=rnd + 1, h=st["h"] if method in ("scalar", "stein-scalar", "stein-scalar-hinit",
-                                                                      "absdelta") else None,
+                                                                      "absdelta", "absdelta-sparse",
+                                                                      "absdelta-lozo") else None,
                                  hb=list(st["hb"]) if st["hb"] is not None else None, hg=st["hg"],
                                  H_mean=[float(H.mean()) for H in st["H"]] if st["H"] is not None else None))
         out = dict(curve=curve, diverged=diverged, seconds=time.time() - t0, state_history=hist,
                    block_counts=block_counts)
+        if method in FAMILIES:
+            out["family"] = dict(name=FAMILIES[method], sparsity=self.sparsity, lozo_rank=self.lozo_rank,
+                                 lozo_nu=self.lozo_nu, mask_fraction=st.get("mask_fraction"))
         if schedule is not None:
             out["schedule_every_10"] = schedule[::10]
         if diag and not diverged:
@@ -434,7 +547,8 @@ def run_one(lab_cache, method, difference, seed, lr, args):
     path = path_for(method, difference, seed, lr, args.tag)
     if os.path.exists(path):
         return
-    lab = Lab(seed, rounds=args.rounds, P=args.P, mu=args.mu, blocks=args.blocks)  # fresh model, data, streams
+    lab = Lab(seed, rounds=args.rounds, P=args.P, mu=args.mu, blocks=args.blocks, sparsity=args.sparsity,
+              lozo_rank=args.lozo_rank, lozo_nu=args.lozo_nu)  # fresh model, data, streams
     out = lab.run(method, lr, difference, diag=args.diag)
     rec = dict(method=method, difference=difference, seed=seed, lr=lr, rounds=args.rounds, P=args.P, mu=args.mu,
                blocks=args.blocks, tag=args.tag, metrics=metrics(out["curve"], args.rounds),
@@ -495,6 +609,9 @@ def main():
     ap.add_argument("--P", type=int, default=5)
     ap.add_argument("--mu", type=float, default=1e-3)
     ap.add_argument("--blocks", choices=["layer", "tensor"], default="layer")
+    ap.add_argument("--sparsity", type=float, default=0.75, help="sparse: fraction of each matrix NOT perturbed")
+    ap.add_argument("--lozo-rank", type=int, default=2)
+    ap.add_argument("--lozo-nu", type=int, default=50, help="lozo: rounds between redraws of V")
     ap.add_argument("--tag", default="", help="suffix of the result folder (other settings than the defaults)")
     ap.add_argument("--diag", action="store_true")
     ap.add_argument("--summary", action="store_true")
