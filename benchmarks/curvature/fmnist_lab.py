@@ -57,6 +57,10 @@ matrices (weights, conv kernels as out x in*k*k) change family; vectors (biases)
                    seeded with derive_seed(round seed, p, tensor) and derive_seed(run seed, round // nu, tensor).
                    DeComFL's update with these z_p.
   absdelta-sparse, absdelta-lozo  absdelta's step (lr / h, h from 2 mean |Delta_p| / d) with those directions.
+Schedule controls (what would explain absdelta's adaptive lr / h away):
+  decomfl-sched    DeComFL with absdelta's measured lr / h_t as a fixed schedule (``absdelta_schedule``), ending at lr
+  decomfl-exp<R>   DeComFL with an exponential decay by the factor R over the run, ending at lr:
+                   lr_t = lr R^(t / (T - 1) - 1) (starts at lr / R); e.g. decomfl-exp0.1
 Bytes per reply (K = 1): 4 P (+ 4 P for the rules that send Delta_p), plus the message header.
 
 **Metrics and protocol** (PREREGISTRATION.md): rounds to T = 0.50 (also 0.45, 0.55), AUC, final accuracy; one JSON
@@ -104,6 +108,29 @@ METHODS = ("decomfl", "decomfl-sched", "gsq", "scalar", "stein", "stein-tensor",
 CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "bcd", "bcd-scalar", "bcd-adapt",
         "bcd-adapt-scalar", "absdelta-sparse", "absdelta-lozo"}  # rules that need f(x) and send Delta_p
 FAMILIES = {"sparse": "sparse", "lozo": "lozo", "absdelta-sparse": "sparse", "absdelta-lozo": "lozo"}
+
+
+def exp_ratio(method: str) -> float | None:
+    """R of a ``decomfl-exp<R>`` method (0 < R <= 1), else None."""
+    if not method.startswith("decomfl-exp"):
+        return None
+    try:
+        r = float(method[len("decomfl-exp"):])
+    except ValueError:
+        raise ValueError(f"bad schedule method {method!r}: expected decomfl-exp<R>, 0 < R <= 1") from None
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"bad schedule method {method!r}: expected decomfl-exp<R>, 0 < R <= 1")
+    return r
+
+
+def schedule_for(method: str, rounds: int) -> list[float] | None:
+    """Per-round lr multipliers of the schedule controls (ending at 1), None for a constant lr."""
+    if method == "decomfl-sched":
+        return absdelta_schedule(rounds)
+    r = exp_ratio(method)
+    if r is None:
+        return None
+    return [r ** (t / max(rounds - 1, 1) - 1.0) for t in range(rounds)]
 
 
 def absdelta_schedule(rounds: int, lr: float = 1e-4) -> list[float]:
@@ -276,6 +303,8 @@ class Lab:
     # ---------------------------------------------------------------- one run
     def run(self, method, lr, difference="central", diag=False, log_every=10):
         P, d = self.P, self.d
+        if method not in METHODS and exp_ratio(method) is None:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}, decomfl-exp<R>")
         if method in CURV and difference != "central":
             raise ValueError(f"{method} needs central differences and f(x)")
         need_f0 = difference == "forward" or method in CURV
@@ -288,7 +317,7 @@ class Lab:
             nb = len(self.blocks)
             st["hb"] = [None] * nb
             st["rhat"] = [None] * nb
-        schedule = absdelta_schedule(self.rounds) if method == "decomfl-sched" else None
+        schedule = schedule_for(method, self.rounds)
         curve, hist, diverged, block_counts = [], [], False, None
         if method.startswith("bcd"):
             block_counts = [0] * len(self.blocks)
@@ -309,7 +338,7 @@ class Lab:
             f0 = self.loss_fn(batches) if need_f0 else None
             cs, ds, tb = [], [], []
             try:
-                if method in ("decomfl", "decomfl-sched"):
+                if method in ("decomfl", "decomfl-sched") or schedule is not None:
                     for p in range(P):
                         c, dl = self.probe(seed, p, batches, difference, f0)
                         cs.append(c)

@@ -1,9 +1,11 @@
-"""The reduced-dimension direction families of the curvature lab (issue 15; benchmarks/curvature/fmnist_lab.py):
-Sparse-MeZO masks and LOZO low-rank directions are regenerated from seeds and the shared parameters (a replica
-draws the same bits), have the structure their papers define, and leave vectors on the library's direction."""
+"""The curvature lab's building blocks (issue 15; benchmarks/curvature/fmnist_lab.py). The reduced-dimension direction
+families (Sparse-MeZO masks, LOZO low-rank directions) are regenerated from seeds and the shared parameters (a replica
+draws the same bits), have the structure their papers define, and leave vectors on the library's direction; the
+schedule controls end at the run's lr; unknown methods are errors, not a silent fallback."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -100,3 +102,21 @@ def test_lozo_scale_matches_the_full_direction():
 def test_unknown_family_is_an_error():
     with pytest.raises(ValueError, match="family"):
         lab.family_direction("lowrank", params(), offsets(params()), 1, 1, 0, 0)
+
+
+def test_exponential_schedule_control_ends_at_lr():
+    s = lab.schedule_for("decomfl-exp0.1", 300)
+    assert len(s) == 300 and s[0] == pytest.approx(10.0) and s[-1] == pytest.approx(1.0)
+    assert all(a > b for a, b in itertools.pairwise(s))
+    assert lab.schedule_for("decomfl", 300) is None
+    for bad in ("decomfl-exp0", "decomfl-exp1.5", "decomfl-expx"):
+        with pytest.raises(ValueError, match="decomfl-exp<R>"):
+            lab.schedule_for(bad, 10)
+
+
+def test_unknown_method_is_an_error():
+    class Stub:  # run() validates the method before it touches the model
+        P, d = 5, 10
+
+    with pytest.raises(ValueError, match="unknown method"):
+        lab.Lab.run(Stub(), "bcd-typo", 1e-3)
