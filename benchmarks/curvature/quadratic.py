@@ -28,6 +28,11 @@ Methods (P directions per step; H_0 = 1 unless "hinit"; "lr" is in each method's
                  relative noise is about d / sqrt(2 n_t))
   stein-scalar   one h: v = h (2/d) (1/P) sum_p Delta_p (E = tr(A)/d), beta 0.99      (ablation of stein-block)
   *-hinit        the first update of H uses beta = 0 (H initialised from the first round's scalars)
+  absdelta       the library's form (hiso.optim.curvature, h_init first-round): probe u, x <- x - lr/(P h) sum c_p u_p
+                 with the h of before the step (h = 1 in the first step), then h <- beta h + (1-beta) 2 mean_p
+                 |Delta_p| / d, beta 0.9 (0 on the first update). On a positive definite quadratic |Delta| = Delta
+  absdelta-cf    absdelta with the curvature first: h is updated from the step's own Delta_p before the step (every
+                 replica can: the step's record carries them), so the first step is already lr / h-scaled
   bcd            block-coordinate directions: direction p perturbs only block t_p (u_p restricted to t_p), t_p drawn
                  from pi (prop. to n_t) with a uniform derived from (seed, p); z_p = u_p,t / sqrt(h_t);
                  x <- x - lr sum_p c_p z_p / (n_t + 2)   (lr = 1 is the exact optimum on an isotropic block);
@@ -70,7 +75,7 @@ SEEDS = (0, 1, 2)
 
 METHODS = ["zosgd", "gsq", "scalar", "gsq-hinit", "scalar-hinit", "stein", "stein-block", "stein-block-hinit",
            "stein-scalar", "stein-scalar-hinit", "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar",
-           "oracle-diag", "oracle-block", "oracle-bcd"]
+           "oracle-diag", "oracle-block", "oracle-bcd", "absdelta", "absdelta-cf"]
 
 
 # ---------------------------------------------------------------------------------------------------- problems
@@ -126,7 +131,7 @@ def run_batch(kind: str, d: int, method: str, seeds, lrs, P: int, max_steps: int
     # state
     if base in ("gsq", "stein"):
         H = torch.ones(S, L, d)
-    elif base in ("scalar", "stein-scalar"):
+    elif base in ("scalar", "stein-scalar", "absdelta", "absdelta-cf"):
         H = torch.ones(S, L, 1)
     elif base == "stein-block":
         H = torch.ones(S, L, nb)
@@ -151,7 +156,7 @@ def run_batch(kind: str, d: int, method: str, seeds, lrs, P: int, max_steps: int
             break
         u = torch.stack([torch.randn(P, d, generator=gg) for gg in gens])[:, None]  # [S, 1, P, d]
         g = a * x  # [S, L, d]
-        if base == "zosgd":
+        if base in ("zosgd", "absdelta", "absdelta-cf"):
             z = u.expand(S, L, P, d)
         elif base in ("gsq", "scalar", "stein", "stein-block", "stein-scalar"):
             Hd = H if H.shape[-1] == d else (H.expand(S, L, d) if H.shape[-1] == 1 else H[..., block])
@@ -188,9 +193,17 @@ def run_batch(kind: str, d: int, method: str, seeds, lrs, P: int, max_steps: int
             n_t = sizes[tb]  # [S, L, P]
         c = torch.einsum("sld,slpd->slp", g, z)
         delta = 0.5 * torch.einsum("d,slpd->slp", a, z * z)
+        if base.startswith("absdelta"):  # one h from |second differences| (h_init first-round: beta 0 once)
+            est = (2.0 / d) * (delta.abs() / P).sum(-1, keepdim=True)
+            beta = torch.where(first, 0.0, 0.9)
+            h_new = (beta * H + (1 - beta) * est).clamp_min(1e-8)
+            if base == "absdelta-cf":
+                H = h_new  # curvature first: this step already divides by its own measurement
         # ----- x update
         if base.startswith("bcd") or base == "oracle-bcd":
             coef = lr * c / (n_t + 2)
+        elif base.startswith("absdelta"):
+            coef = lr * c / (P * H)
         else:
             coef = lr * c / P
             if base == "stein":
@@ -217,6 +230,8 @@ def run_batch(kind: str, d: int, method: str, seeds, lrs, P: int, max_steps: int
             H = (beta * H + (1 - beta) * H * est)
             hm = (H * sizes).sum(-1, keepdim=True) / d
             H = torch.maximum(H, 0.1 * hm.clamp_min(1e-12))
+        elif base == "absdelta":
+            H = h_new  # after the step, as the library
         elif base == "stein-scalar":
             est = (2.0 / d) * (delta / P).sum(-1, keepdim=True)
             beta = 0.99 * b1
@@ -287,7 +302,7 @@ def lr_start(kind, d, method, P):
     a, _, _, _ = problem(kind, d, 0)
     if method.startswith("bcd") or method == "oracle-bcd":
         return 1.0
-    if method.startswith("oracle") or method.startswith("stein"):
+    if method.startswith("oracle") or method.startswith("stein") or method.startswith("absdelta"):
         return P / d
     return P / float(a.sum())
 

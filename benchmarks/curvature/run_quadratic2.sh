@@ -6,4 +6,6 @@ PY=${PY:-.venv/bin/python}  # relative to the repository root (the script cds th
 export PYTHONPATH=$PWD
 Q="nice -n 10 $PY benchmarks/curvature/quadratic.py --d 1000"
 $Q --spectra lowrank loguniform --methods zosgd oracle-diag gsq scalar stein-scalar-hinit stein
+# absdelta as the library runs it (step, then h: h = 1 in the first step) and with the curvature first
+$Q --spectra lowrank loguniform blocks --methods absdelta absdelta-cf
 $Q --summary --spectra lowrank loguniform blocks
