@@ -27,6 +27,8 @@ forward: (f(x + mu z) - f(x)) / mu (P + 1), as in the authors' HiSo / DeComFL co
   stein-scalar     one h: probe u with fixed mu; x <- x - lr/(P h) sum c_p u_p; h <- beta h + (1-beta) max(v, 0),
                    v = 2 mean_p Delta_p / d (E = tr(A)/d, the mean curvature), beta 0.9; "-hinit": the first update
                    uses beta = 0 (else h_0 = 1)
+  absdelta-cf      absdelta with the curvature first: h is updated from the round's own |Delta_p| before the step
+                   (the library's absdelta, like absdelta here, steps with the h of the rounds before: h = 1 in round 0)
   absdelta         stein-scalar-hinit with v = 2 mean_p |Delta_p| / d (HiZOO's |second difference|, made one global
                    scalar): positive where the Hessian is indefinite (at initialisation the mean of five Delta_p is
                    negative in some rounds, which sends stein-scalar-hinit's h to its floor and diverges)
@@ -103,10 +105,10 @@ OUT = os.path.join(HERE, "results", "fmnist")
 TARGETS = (0.45, 0.50, 0.55)
 T_MAIN = 0.50
 METHODS = ("decomfl", "decomfl-sched", "gsq", "scalar", "stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit",
-           "absdelta", "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar", "sparse", "lozo", "absdelta-sparse",
-           "absdelta-lozo")
-CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "bcd", "bcd-scalar", "bcd-adapt",
-        "bcd-adapt-scalar", "absdelta-sparse", "absdelta-lozo"}  # rules that need f(x) and send Delta_p
+           "absdelta", "absdelta-cf", "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar", "sparse", "lozo",
+           "absdelta-sparse", "absdelta-lozo")
+CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "absdelta-cf", "bcd", "bcd-scalar",
+        "bcd-adapt", "bcd-adapt-scalar", "absdelta-sparse", "absdelta-lozo"}  # rules that need f(x) and send Delta_p
 FAMILIES = {"sparse": "sparse", "lozo": "lozo", "absdelta-sparse": "sparse", "absdelta-lozo": "lozo"}
 
 
@@ -388,19 +390,22 @@ class Lab:
                     cv = torch.tensor(cs, dtype=torch.float64)
                     gsq_mean = float(cv @ (U @ U.T) @ cv) / (P * P * h * d)
                     st["h"] = max(0.95 * h + 0.05 * gsq_mean, 1e-8)
-                elif method in ("stein-scalar", "stein-scalar-hinit", "absdelta"):
+                elif method in ("stein-scalar", "stein-scalar-hinit", "absdelta", "absdelta-cf"):
                     h = st["h"]
                     for p in range(P):
                         c, dl = self.probe(seed, p, batches, difference, f0)
                         cs.append(c)
                         ds.append(dl)
-                    hk.zo_update_(self.params, seed, range(P), [lr * c / (P * h) for c in cs])
-                    if method == "absdelta":  # |Delta| as in HiZOO's estimator: positive where the Hessian is not
-                        v = 2 * sum(abs(x) for x in ds) / (P * d)
+                    if method.startswith("absdelta"):  # |Delta| as in HiZOO's estimator: positive where the Hessian
+                        v = 2 * sum(abs(x) for x in ds) / (P * d)  # is not
                     else:
                         v = max(2 * sum(ds) / (P * d), 0.0)
-                    beta = 0.0 if (rnd == 0 and method in ("stein-scalar-hinit", "absdelta")) else 0.9
-                    st["h"] = max(beta * h + (1 - beta) * v, 1e-8)
+                    beta = 0.0 if (rnd == 0 and method != "stein-scalar") else 0.9
+                    h_new = max(beta * h + (1 - beta) * v, 1e-8)
+                    if method == "absdelta-cf":  # curvature first: this round's step divides by its own measurement
+                        h = h_new
+                    hk.zo_update_(self.params, seed, range(P), [lr * c / (P * h) for c in cs])
+                    st["h"] = h_new
                 elif method == "stein-tensor":
                     hbv = st["hb"]
                     hbar = sum(n * h for n, h in zip(self.sizes, hbv)) / d
@@ -483,7 +488,7 @@ class Lab:
             if (rnd + 1) % 10 == 0 or rnd + 1 == self.rounds:
                 evaluate(rnd + 1)
                 hist.append(dict(round=rnd + 1, h=st["h"] if method in ("scalar", "stein-scalar", "stein-scalar-hinit",
-                                                                      "absdelta", "absdelta-sparse",
+                                                                      "absdelta", "absdelta-cf", "absdelta-sparse",
                                                                       "absdelta-lozo") else None,
                                  hb=list(st["hb"]) if st["hb"] is not None else None, hg=st["hg"],
                                  H_mean=[float(H.mean()) for H in st["H"]] if st["H"] is not None else None))
