@@ -45,19 +45,19 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_update_equals_design_equations(name):
-    """One step, evaluated by hand from materialised directions (torch backend) and the losses."""
+    """One step, evaluated by hand from materialised directions (reference backend) and the losses."""
     cls, kw = CONFIGS[name]
     model = make_model()
     ref = copy.deepcopy(model)
     lr, mu, seed = 0.05, 1e-3, 2**40 + 17
-    opt = cls(model.parameters(), lr=lr, mu=mu, backend="torch", **kw)
+    opt = cls(model.parameters(), lr=lr, mu=mu, backend="reference", **kw)
     opt.step(loss_of(model), seed=seed)
 
     x = flat(ref)
     n = x.numel()
     P = opt.num_directions
     H = torch.ones(n)
-    z = [hk.directions(seed, n, direction=p, backend="torch") for p in range(P)]
+    z = [hk.directions(seed, n, direction=p, backend="reference") for p in range(P)]
 
     def f_at(vec):
         with torch.no_grad():
