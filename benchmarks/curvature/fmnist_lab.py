@@ -29,6 +29,7 @@ forward: (f(x + mu z) - f(x)) / mu (P + 1), as in the authors' HiSo / DeComFL co
                    uses beta = 0 (else h_0 = 1)
   absdelta-cf      absdelta with the curvature first: h is updated from the round's own |Delta_p| before the step
                    (the library's absdelta, like absdelta here, steps with the h of the rounds before: h = 1 in round 0)
+  absdelta-cf0     absdelta with the curvature first in round 0 only (h initialised before the first step)
   absdelta         stein-scalar-hinit with v = 2 mean_p |Delta_p| / d (HiZOO's |second difference|, made one global
                    scalar): positive where the Hessian is indefinite (at initialisation the mean of five Delta_p is
                    negative in some rounds, which sends stein-scalar-hinit's h to its floor and diverges)
@@ -105,10 +106,10 @@ OUT = os.path.join(HERE, "results", "fmnist")
 TARGETS = (0.45, 0.50, 0.55)
 T_MAIN = 0.50
 METHODS = ("decomfl", "decomfl-sched", "gsq", "scalar", "stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit",
-           "absdelta", "absdelta-cf", "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar", "sparse", "lozo",
-           "absdelta-sparse", "absdelta-lozo")
-CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "absdelta-cf", "bcd", "bcd-scalar",
-        "bcd-adapt", "bcd-adapt-scalar", "absdelta-sparse", "absdelta-lozo"}  # rules that need f(x) and send Delta_p
+           "absdelta", "absdelta-cf", "absdelta-cf0", "bcd", "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar", "sparse",
+           "lozo", "absdelta-sparse", "absdelta-lozo")
+CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "absdelta-cf", "absdelta-cf0", "bcd",
+        "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar", "absdelta-sparse", "absdelta-lozo"}  # need f(x), send Delta_p
 FAMILIES = {"sparse": "sparse", "lozo": "lozo", "absdelta-sparse": "sparse", "absdelta-lozo": "lozo"}
 
 
@@ -390,7 +391,7 @@ class Lab:
                     cv = torch.tensor(cs, dtype=torch.float64)
                     gsq_mean = float(cv @ (U @ U.T) @ cv) / (P * P * h * d)
                     st["h"] = max(0.95 * h + 0.05 * gsq_mean, 1e-8)
-                elif method in ("stein-scalar", "stein-scalar-hinit", "absdelta", "absdelta-cf"):
+                elif method in ("stein-scalar", "stein-scalar-hinit", "absdelta", "absdelta-cf", "absdelta-cf0"):
                     h = st["h"]
                     for p in range(P):
                         c, dl = self.probe(seed, p, batches, difference, f0)
@@ -402,8 +403,8 @@ class Lab:
                         v = max(2 * sum(ds) / (P * d), 0.0)
                     beta = 0.0 if (rnd == 0 and method != "stein-scalar") else 0.9
                     h_new = max(beta * h + (1 - beta) * v, 1e-8)
-                    if method == "absdelta-cf":  # curvature first: this round's step divides by its own measurement
-                        h = h_new
+                    if method == "absdelta-cf" or (method == "absdelta-cf0" and rnd == 0):
+                        h = h_new  # curvature first: this round's step divides by its own measurement
                     hk.zo_update_(self.params, seed, range(P), [lr * c / (P * h) for c in cs])
                     st["h"] = h_new
                 elif method == "stein-tensor":
@@ -488,7 +489,8 @@ class Lab:
             if (rnd + 1) % 10 == 0 or rnd + 1 == self.rounds:
                 evaluate(rnd + 1)
                 hist.append(dict(round=rnd + 1, h=st["h"] if method in ("scalar", "stein-scalar", "stein-scalar-hinit",
-                                                                      "absdelta", "absdelta-cf", "absdelta-sparse",
+                                                                      "absdelta", "absdelta-cf", "absdelta-cf0",
+                                                                      "absdelta-sparse",
                                                                       "absdelta-lozo") else None,
                                  hb=list(st["hb"]) if st["hb"] is not None else None, hg=st["hg"],
                                  H_mean=[float(H.mean()) for H in st["H"]] if st["H"] is not None else None))
