@@ -11,7 +11,11 @@ H="nice -n 19 $PY benchmarks/fl_claim.py --out benchmarks/results/claim-sst2 --t
 for seed in 0 1 2; do  # the centre lrs, seed by seed, both arms
   $H --pilot --seeds $seed --arms decomfl hiso-absdelta --lr-grid decomfl=3e-5 hiso-absdelta=1e-9
 done
-for seed in 0 1 2; do  # then the neighbours
-  $H --pilot --seeds $seed --arms hiso-absdelta decomfl --lr-grid hiso-absdelta=3e-10,3e-9 decomfl=1e-5,1e-4
+# then the neighbours: DeComFL's first (they stand whatever absdelta's order becomes, docs/curvature.md section 8)
+for seed in 0 1 2; do
+  $H --pilot --seeds $seed --arms decomfl --lr-grid decomfl=1e-5,1e-4
+done
+for seed in 0 1 2; do
+  $H --pilot --seeds $seed --arms hiso-absdelta --lr-grid hiso-absdelta=3e-10,3e-9
 done
 $H --report --seeds 0 1 2
