@@ -15,6 +15,9 @@ done
 for seed in 0 1 2; do
   $H --pilot --seeds $seed --arms decomfl --lr-grid decomfl=1e-5,1e-4
 done
+for seed in 0 1 2; do  # DeComFL's best was at the upper neighbour 1e-4 on seeds 0 and 1: bracket it
+  $H --pilot --seeds $seed --arms decomfl --lr-grid decomfl=3e-4
+done
 for seed in 0 1 2; do
   $H --pilot --seeds $seed --arms hiso-absdelta --lr-grid hiso-absdelta=3e-10,3e-9
 done
