@@ -111,6 +111,8 @@ METHODS = ("decomfl", "decomfl-sched", "gsq", "scalar", "stein", "stein-tensor",
 CURV = {"stein", "stein-tensor", "stein-scalar", "stein-scalar-hinit", "absdelta", "absdelta-cf", "absdelta-cf0", "bcd",
         "bcd-scalar", "bcd-adapt", "bcd-adapt-scalar", "absdelta-sparse", "absdelta-lozo"}  # need f(x), send Delta_p
 FAMILIES = {"sparse": "sparse", "lozo": "lozo", "absdelta-sparse": "sparse", "absdelta-lozo": "lozo"}
+SCALAR_H = {"scalar", "stein-scalar", "stein-scalar-hinit", "absdelta", "absdelta-cf", "absdelta-cf0",
+            "absdelta-sparse", "absdelta-lozo"}  # methods whose curvature state is one global h (in the history)
 
 
 def exp_ratio(method: str) -> float | None:
@@ -120,8 +122,8 @@ def exp_ratio(method: str) -> float | None:
     try:
         r = float(method[len("decomfl-exp"):])
     except ValueError:
-        raise ValueError(f"bad schedule method {method!r}: expected decomfl-exp<R>, 0 < R <= 1") from None
-    if not 0.0 < r <= 1.0:
+        r = math.nan
+    if not 0.0 < r <= 1.0:  # also NaN
         raise ValueError(f"bad schedule method {method!r}: expected decomfl-exp<R>, 0 < R <= 1")
     return r
 
@@ -153,6 +155,18 @@ def absdelta_schedule(rounds: int, lr: float = 1e-4) -> list[float]:
         per_run.append([lr / hist[max(first, (t // 10) * 10)] for t in range(rounds)])
     med = [float(np.median([e[t] for e in per_run])) for t in range(rounds)]
     return [m / med[-1] for m in med]
+
+
+def central(fp: float, fm: float, f0: float | None, mu: float):
+    """(c, Delta or None): the central difference and, given f(x), the second difference."""
+    return (fp - fm) / (2 * mu), None if f0 is None else (fp + fm - 2 * f0) / (2 * mu * mu)
+
+
+def absdelta_h(h: float, ds, P: int, d: int, rnd: int) -> float:
+    """absdelta's next h: EMA (beta 0.9; 0 in round 0, h_init first-round) of 2 mean_p |Delta_p| / d, floored."""
+    beta = 0.0 if rnd == 0 else 0.9
+    v = 2 * sum(abs(x) for x in ds) / (P * d)
+    return max(beta * h + (1 - beta) * v, 1e-8)
 
 
 # ------------------------------------------------------------------------------------------------ direction families
@@ -272,20 +286,10 @@ class Lab:
         self.perturb(seed, p, -mu, **kw)
         fm = self.loss_fn(batches)
         self.perturb(seed, p, mu, **kw)
-        c = (fp - fm) / (2 * mu)
-        delta = None if f0 is None else (fp + fm - 2 * f0) / (2 * mu * mu)
-        return c, delta
+        return central(fp, fm, f0, mu)
 
     def dirs(self, seed, p):
         return hk.directions(seed, self.d, direction=p).double()
-
-    # ---------------------------------------------------------------- reduced-dimension direction families
-    def family_dirs(self, family, seed, rnd, p, masks):
-        return family_direction(family, self.params, self.offsets, seed, self.seed, rnd, p, masks=masks,
-                                rank=self.lozo_rank, nu=self.lozo_nu)
-
-    def sparse_masks(self):
-        return sparse_masks(self.params, self.sparsity)
 
     @torch.no_grad()
     def probe_dirs(self, z, batches, f0):
@@ -300,8 +304,7 @@ class Lab:
         fm = self.loss_fn(batches)
         for t, x in zip(self.params, x0):
             t.copy_(x)
-        c = (fp - fm) / (2 * mu)
-        return c, None if f0 is None else (fp + fm - 2 * f0) / (2 * mu * mu)
+        return central(fp, fm, f0, mu)
 
     # ---------------------------------------------------------------- one run
     def run(self, method, lr, difference="central", diag=False, log_every=10):
@@ -341,7 +344,7 @@ class Lab:
             f0 = self.loss_fn(batches) if need_f0 else None
             cs, ds, tb = [], [], []
             try:
-                if method in ("decomfl", "decomfl-sched") or schedule is not None:
+                if method == "decomfl" or schedule is not None:
                     for p in range(P):
                         c, dl = self.probe(seed, p, batches, difference, f0)
                         cs.append(c)
@@ -349,8 +352,9 @@ class Lab:
                     hk.zo_update_(self.params, seed, range(P), [lr_t * c / P for c in cs])
                 elif method in FAMILIES:
                     family = FAMILIES[method]
-                    masks = self.sparse_masks() if family == "sparse" else None
-                    zs = [self.family_dirs(family, seed, rnd, p, masks) for p in range(P)]
+                    masks = sparse_masks(self.params, self.sparsity) if family == "sparse" else None
+                    zs = [family_direction(family, self.params, self.offsets, seed, self.seed, rnd, p, masks=masks,
+                                           rank=self.lozo_rank, nu=self.lozo_nu) for p in range(P)]
                     for z in zs:
                         c, dl = self.probe_dirs(z, batches, f0 if method in CURV else None)
                         cs.append(c)
@@ -360,10 +364,8 @@ class Lab:
                         with torch.no_grad():
                             for i, t in enumerate(self.params):
                                 t.sub_(sum(zs[p][i] * (lr * cs[p] / (P * h)) for p in range(P)))
-                    if method in CURV:  # absdelta's scalar h, as in the absdelta branch
-                        v = 2 * sum(abs(x) for x in ds) / (P * d)
-                        beta = 0.0 if rnd == 0 else 0.9
-                        st["h"] = max(beta * h + (1 - beta) * v, 1e-8)
+                    if method in CURV:
+                        st["h"] = absdelta_h(h, ds, P, d, rnd)
                     if masks is not None and rnd == 0:
                         st["mask_fraction"] = sum(float(m.sum()) for m in masks if m is not None) / sum(
                             m.numel() for m in masks if m is not None)
@@ -398,11 +400,11 @@ class Lab:
                         cs.append(c)
                         ds.append(dl)
                     if method.startswith("absdelta"):  # |Delta| as in HiZOO's estimator: positive where the Hessian
-                        v = 2 * sum(abs(x) for x in ds) / (P * d)  # is not
+                        h_new = absdelta_h(h, ds, P, d, rnd)  # is not
                     else:
                         v = max(2 * sum(ds) / (P * d), 0.0)
-                    beta = 0.0 if (rnd == 0 and method != "stein-scalar") else 0.9
-                    h_new = max(beta * h + (1 - beta) * v, 1e-8)
+                        beta = 0.0 if (rnd == 0 and method == "stein-scalar-hinit") else 0.9
+                        h_new = max(beta * h + (1 - beta) * v, 1e-8)
                     if method == "absdelta-cf" or (method == "absdelta-cf0" and rnd == 0):
                         h = h_new  # curvature first: this round's step divides by its own measurement
                     hk.zo_update_(self.params, seed, range(P), [lr * c / (P * h) for c in cs])
@@ -488,10 +490,7 @@ class Lab:
                 break
             if (rnd + 1) % 10 == 0 or rnd + 1 == self.rounds:
                 evaluate(rnd + 1)
-                hist.append(dict(round=rnd + 1, h=st["h"] if method in ("scalar", "stein-scalar", "stein-scalar-hinit",
-                                                                      "absdelta", "absdelta-cf", "absdelta-cf0",
-                                                                      "absdelta-sparse",
-                                                                      "absdelta-lozo") else None,
+                hist.append(dict(round=rnd + 1, h=st["h"] if method in SCALAR_H else None,
                                  hb=list(st["hb"]) if st["hb"] is not None else None, hg=st["hg"],
                                  H_mean=[float(H.mean()) for H in st["H"]] if st["H"] is not None else None))
         out = dict(curve=curve, diverged=diverged, seconds=time.time() - t0, state_history=hist,
