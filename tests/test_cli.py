@@ -62,7 +62,7 @@ def _bad_cases(tmp: Path, tiny: Path) -> list[tuple[list[str], str]]:
          "--n-clients 50 exceeds the 12 training examples of boolq"),
         (["--split", "random"], "--split: invalid value 'random'; choose from: iid, dirichlet"),
         (["--aggregation", "max"], "--aggregation: invalid value 'max'; choose from: mean, median, trimmed_mean"),
-        (["--curvature-rule", "exact"], "choose from: gsq, stein, scalar, absdelta, stein-tensor"),
+        (["--curvature-rule", "exact"], "choose from: gsq, stein, scalar, absdelta, absdelta-lagged, stein-tensor"),
         (["--h-init", "zeros"], "--h-init: invalid value 'zeros'; choose from: ones, first-round"),
         (["--curvature-rule", "absdelta", "--difference", "forward"], "the 'absdelta' curvature rule needs central"),
         (["--beta", "1.5"], "--beta must be in [0, 1]"),

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "curvature"))
 import claim_stats as cs  # noqa: E402
 
-RULES = ["gsq", "scalar", "stein", "stein-tensor", "absdelta"]
+RULES = ["gsq", "scalar", "stein", "stein-tensor", "absdelta", "absdelta-lagged"]
 X = torch.randn(24, 12, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 4, (24,), generator=torch.Generator().manual_seed(1))
 
@@ -37,7 +37,7 @@ def loss_of(model):
 
 
 def lr_of(rule):
-    return 1e-3 if rule in ("absdelta", "stein-tensor") else 0.05
+    return 1e-3 if rule in ("absdelta", "absdelta-lagged", "stein-tensor") else 0.05
 
 
 # ---------------------------------------------------------------- formulas
@@ -48,6 +48,52 @@ def test_absdelta_h_follows_its_definition():
     assert st.h == [2 * (3 + 5) / (2 * 16)] and st.divisor() == st.h[0]
     st.advance(6, [1.0, 1.0], [-1.0, 1.0])
     assert st.h[0] == pytest.approx(0.9 * 0.5 + 0.1 * 2 * 1 / 16)
+
+
+def test_absdelta_divides_each_step_by_the_h_after_its_own_update_and_lagged_by_the_h_before():
+    records = [(5, [1.0, -2.0], [3.0, -5.0]), (6, [1.0, 1.0], [-1.0, 1.0]), (7, [0.5, 0.5], [8.0, 2.0])]
+    hs = []  # h after each record, the same for both orders
+    ref = curv.CurvatureState("absdelta-lagged", [10, 6])
+    for rec in records:
+        ref.advance(*rec)
+        hs.append(ref.h[0])
+    for rule, expected in [("absdelta", hs), ("absdelta-lagged", [1.0, *hs[:-1]])]:
+        st = curv.CurvatureState(rule, [10, 6])
+        segments = curv.plan(st, records, lambda rec: rec)
+        assert [(seg.kernel_rule, seg.fill) for seg in segments] == [("none", None)]  # one kernel call, no H
+        assert [dv for _, dv in segments[0].items] == expected, rule
+        assert st.h == [hs[-1]] and st.rounds == 3
+    # gsq (its probes depend on H) keeps the lagged order: the first round runs with H = 1 and no kernel update
+    segments = curv.plan(curv.CurvatureState("gsq", [10, 6], h_init="first-round"), records, lambda rec: rec)
+    assert [seg.kernel_rule for seg in segments] == ["none", "gsq"] and segments[0].fill is not None
+
+
+def test_a_local_step_divides_by_its_own_curvature_on_a_copy_only_with_curvature_first():
+    first, lagged = curv.CurvatureState("absdelta", [10, 6]), curv.CurvatureState("absdelta-lagged", [10, 6])
+    assert first.curvature_first and not lagged.curvature_first
+    for st in (first, lagged):
+        st.advance(5, [1.0, -2.0], [3.0, -5.0])
+    h = first.h[0]
+    local = copy.deepcopy(first)
+    assert local.step_divisor(6, [1.0, 1.0], [-1.0, 1.0]) == pytest.approx(0.9 * h + 0.1 * 2 * 1 / 16)
+    assert first.h == [h] and first.rounds == 1  # the shared state did not move
+    local_lagged = copy.deepcopy(lagged)
+    assert local_lagged.step_divisor(6, [1.0, 1.0], [-1.0, 1.0]) == h and local_lagged.rounds == 1
+
+
+def test_the_first_absdelta_step_is_the_lagged_one_divided_by_the_first_rounds_h():
+    moves = {}
+    for rule in ("absdelta", "absdelta-lagged"):
+        model = net()
+        x0 = [p.detach().clone() for p in model.parameters()]
+        opt = HiSo(model.parameters(), lr=1e-3, curvature_rule=rule, num_directions=3, seed=4)
+        opt.step(loss_of(model))
+        moves[rule] = torch.cat([(p.detach() - a).flatten() for p, a in zip(model.parameters(), x0)])
+        h0 = opt.curvature_state().h[0]
+    assert h0 != 1.0
+    # each move is a difference of fp32 weights of magnitude < 1: rounded to about 6e-8 each
+    torch.testing.assert_close(moves["absdelta"] * h0, moves["absdelta-lagged"], rtol=1e-3, atol=2e-7)
+    assert moves["absdelta-lagged"].abs().max() > 1e-4
 
 
 def test_scalar_rule_is_gsq_with_one_h():
@@ -152,7 +198,7 @@ def test_bytes_per_reply_one_float32_per_direction_for_second_difference_rules()
     with_delta = len(ClientReply(0, 1, ((0.5,) * p,) * k, ((1.0,) * p,) * k).encode())
     assert with_delta - plain == 4 * k * p
     for rule, sends in [("gsq", False), ("scalar", False), ("stein", True), ("stein-tensor", True),
-                        ("absdelta", True)]:
+                        ("absdelta", True), ("absdelta-lagged", True)]:
         assert FLConfig(curvature_rule=rule).sends_second_differences is sends
 
 

@@ -112,6 +112,8 @@ CONFIGS = {
                            h_min=1e-2),
     # the scalar-state rules (hiso.optim.curvature): a global or per-tensor h kept beside x and H
     "hiso_absdelta_k2": FLConfig(method="hiso", lr=1e-3, local_steps=2, num_directions=3, curvature_rule="absdelta"),
+    "hiso_absdelta_lagged_k2": FLConfig(method="hiso", lr=1e-3, local_steps=2, num_directions=3,
+                                        curvature_rule="absdelta-lagged"),
     "hiso_scalar_forward": FLConfig(method="hiso", lr=0.05, num_directions=3, curvature_rule="scalar",
                                     difference="forward"),
     "hiso_stein_tensor": FLConfig(method="hiso", lr=1e-3, num_directions=2, curvature_rule="stein-tensor"),

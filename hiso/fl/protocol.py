@@ -57,7 +57,7 @@ class FLConfig:
     num_directions: int = 5  # P
     difference: str = "central"
     distribution: str = "gaussian"
-    curvature_rule: str = "gsq"  # HiSo's rule; "stein", "stein-tensor", "absdelta" send second differences too
+    curvature_rule: str = "gsq"  # HiSo's rule; "stein", "stein-tensor", the absdelta rules send Delta_p too
     beta: float | None = None  # None: the rule's default (hiso.optim.curvature.DEFAULT_BETA)
     h_min: float = 1e-8
     weight_decay: float = 0.0
@@ -130,7 +130,7 @@ class Replica:
 
     ``curvature`` (HiSo only) is the rule's Python state (:class:`hiso.optim.curvature.CurvatureState`): a global or
     per-tensor h for "scalar", "absdelta", "stein-tensor", the round count for ``h_init``. ``hessian`` is None for
-    DeComFL and for "absdelta" (whose h divides the step instead of scaling the directions)."""
+    DeComFL and for the absdelta rules (whose h divides the step instead of scaling the directions)."""
 
     def __init__(self, params: Iterable[torch.Tensor], config: FLConfig):
         self.params = [p for p in params if p.requires_grad]
@@ -146,13 +146,14 @@ class Replica:
         self.applied = 0  # number of log records applied
 
     def divisor(self) -> float:
-        """The divisor of the next round's step (1 unless the rule divides the step by its h)."""
+        """The step divisor of the rounds applied so far (1 unless the rule divides the step by its h; with a
+        curvature-first rule the next round divides by the h after its own update)."""
         return 1.0 if self.curvature is None else self.curvature.divisor()
 
     @torch.no_grad()
     def apply(self, records: Sequence[RoundRecord]) -> None:
         """Apply records (in order): one fused pass over the parameters per run of records with no H write
-        between them (all of them for DeComFL, gsq, stein and absdelta after the first round)."""
+        between them (all of them for DeComFL, gsq, stein and the absdelta rules after the first round)."""
         if not records:
             return
         c = self.config
@@ -229,10 +230,12 @@ def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple
 
     Local updates between steps (K > 1) are applied by the kernels' logged run (exact restore in the kernel,
     :func:`hiso_kernels.bind`) and reverted in reverse order afterwards, so the replica stays at the last applied
-    log record (it will apply the aggregated round like everyone else).
+    log record (it will apply the aggregated round like everyone else). A local update is divided by the rule's
+    divisor of a local copy of the curvature state (:meth:`hiso.optim.curvature.CurvatureState.step_divisor`).
     """
     c = replica.config
     params, hessian = replica.params, replica.hessian
+    local_curvature = None if replica.curvature is None else copy.deepcopy(replica.curvature)  # the local steps'
     scalars, second, undo, losses = [], [], [], []
     bounds: list[hk.BoundParams] = []  # bound at the first local update (K > 1 only)
     try:
@@ -249,8 +252,9 @@ def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple
                 second.append(tuple(est.second_differences))
             if k < len(seeds) - 1:
                 # the local update of step k (no weight decay, no H update: those come with the aggregated round)
-                coefs = list(step_round([int(seed)], [est.scalars], lr=c.lr,
-                                        divisor=replica.divisor()).coefficients)
+                divisor = 1.0 if local_curvature is None else local_curvature.step_divisor(
+                    int(seed), est.scalars, est.second_differences)
+                coefs = list(step_round([int(seed)], [est.scalars], lr=c.lr, divisor=divisor).coefficients)
                 if not bounds:
                     bounds = bind_runs(params, hessian, split_runs(params, hk.global_offsets(params)),
                                        distribution=c.distribution, stochastic_rounding=c.stochastic_rounding,

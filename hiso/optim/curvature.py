@@ -21,11 +21,19 @@ differences of a round's last local step (both aggregated), d the number of trai
                     divided by h: x <- x - lr / (P h) sum_p c_p u_p. On a quadratic E[Delta_p] = tr(A) / 2 with
                     u ~ N(0, I), so 2 Delta / d estimates the mean curvature tr(A) / d; the absolute value keeps it
                     positive where the Hessian is indefinite (at initialisation). A magnitude, not a diagonal.
+                    Curvature first: the probes do not depend on h, so a round's own Delta_p update h *before* its
+                    step divides by it (the step of round t uses rounds <= t). The first step is then lr c / h_0
+                    instead of lr c (h = 1), which on a network is 10^2-10^5 times too small and on a stiff problem
+                    too large (docs/curvature.md, sections 3 and 8)
+    "absdelta-lagged" the same h, updated *after* the step (round t divides by the h of rounds < t), as every
+                    other rule must since their probes depend on H: the order of hiso before curvature first, kept
+                    for the results measured with it and as the ablation of the order
 
 ``h_init``: "ones" (H = 1 before the first round, the authors' choice) or "first-round": the first round's step uses
 H = 1 and then H is *set* (not averaged) to the round's own level, sum_p (c_p / P)^2 for gsq / scalar and
-2 mean_p |Delta_p| / d for the second-difference rules (floored at h_min). "absdelta" and "stein-tensor" default to
-"first-round" (the setting of the Fashion-MNIST study), the others to "ones".
+2 mean_p |Delta_p| / d for the second-difference rules (floored at h_min). The absdelta rules and "stein-tensor"
+default to "first-round" (the setting of the Fashion-MNIST study), the others to "ones". With curvature first
+("absdelta"), "first-round" sets h from round 0 before round 0's step.
 
 Determinism: the state is Python floats updated in a fixed order from the log's fp32 scalars; stein-tensor's
 ||u_p,t||^2 is summed exactly (each u^2 quantised to 2^-32 as an integer, so the sum does not depend on the order,
@@ -45,14 +53,19 @@ import hiso_kernels as hk
 #: rules whose H lives in the kernels (a per-coordinate fp32 tensor updated by the fused pass)
 KERNEL_RULES = ("gsq", "stein")
 #: rules whose state is Python floats (one global h, or one h per tensor)
-SCALAR_STATE_RULES = ("scalar", "absdelta", "stein-tensor")
+SCALAR_STATE_RULES = ("scalar", "absdelta", "absdelta-lagged", "stein-tensor")
 CURVATURE_RULES = (*KERNEL_RULES, *SCALAR_STATE_RULES)
-SECOND_DIFFERENCE_RULES = ("stein", "stein-tensor", "absdelta")
+SECOND_DIFFERENCE_RULES = ("stein", "stein-tensor", "absdelta", "absdelta-lagged")
+#: rules with one global h that divides the step (no H tensor; directions unscaled)
+STEP_DIVISOR_RULES = ("absdelta", "absdelta-lagged")
+#: rules whose round updates h from its own second differences before its step: their probes do not depend on h
+CURVATURE_FIRST_RULES = ("absdelta",)
 H_INITS = ("ones", "first-round")
 #: the EMA factor of each rule when none is given (absdelta / stein-tensor: the Fashion-MNIST study's settings)
-DEFAULT_BETA = {"gsq": 0.95, "stein": 0.95, "scalar": 0.95, "stein-tensor": 0.99, "absdelta": 0.9}
+DEFAULT_BETA = {"gsq": 0.95, "stein": 0.95, "scalar": 0.95, "stein-tensor": 0.99, "absdelta": 0.9,
+                "absdelta-lagged": 0.9}
 DEFAULT_H_INIT = {"gsq": "ones", "stein": "ones", "scalar": "ones", "stein-tensor": "first-round",
-                  "absdelta": "first-round"}
+                  "absdelta": "first-round", "absdelta-lagged": "first-round"}
 _QUANT = 2 ** 32  # stein-tensor: u^2 in units of 2^-32 (exact in float64 and int64 for |u| < 2^15)
 _CHUNK = 1 << 22  # stein-tensor: elements per regenerated block of a direction
 
@@ -75,8 +88,9 @@ def kernel_rule_of(rule: str) -> str:
 
 
 def uses_tensor_h(rule: str) -> bool:
-    """Whether the rule scales directions by a per-coordinate H tensor (absdelta does not: it divides the step)."""
-    return rule != "absdelta"
+    """Whether the rule scales directions by a per-coordinate H tensor (the absdelta rules do not: they divide the
+    step)."""
+    return rule not in STEP_DIVISOR_RULES
 
 
 class CurvatureState:
@@ -103,12 +117,26 @@ class CurvatureState:
 
     # ---------------------------------------------------------------- what a round uses
     def divisor(self) -> float:
-        """The step's divisor: h (absdelta), hbar (stein-tensor), else 1."""
-        if self.rule == "absdelta":
+        """The step's divisor: h (absdelta rules), hbar (stein-tensor), else 1."""
+        if self.rule in STEP_DIVISOR_RULES:
             return self.h[0]
         if self.rule == "stein-tensor":
             return self._hbar(self.h)
         return 1.0
+
+    @property
+    def curvature_first(self) -> bool:
+        """Whether a round's own second differences update the state before its step (:data:`CURVATURE_FIRST_RULES`)."""
+        return self.rule in CURVATURE_FIRST_RULES
+
+    def step_divisor(self, seed: int, scalars: Sequence[float], second: Sequence[float] | None) -> float:
+        """The divisor of a step that only this state sees: a client's local step at K > 1, on the client's copy of
+        the state. With curvature first the step's own second differences update the copy first (the local steps
+        follow the rule on the client's own scalars); otherwise the copy stays as it is and the divisor is the one of
+        the rounds applied so far. The aggregated round then advances the shared state as on every replica."""
+        if self.curvature_first:
+            self.advance(seed, scalars, second)
+        return self.divisor()
 
     def round_kernel_rule(self) -> str:
         """The kernel rule of the next round ("none" for a first round whose H is set afterwards)."""
@@ -148,7 +176,7 @@ class CurvatureState:
             h = self.h[0]
             v = math.fsum((c / p_dirs) ** 2 for c in scalars) / h
             self.h = [max(beta * h + (1 - beta) * v, self.h_min)]
-        elif self.rule == "absdelta":
+        elif self.rule in STEP_DIVISOR_RULES:
             v = 2 * math.fsum(abs(x) for x in second) / (p_dirs * self.d)  # type: ignore[union-attr]
             self.h = [max(beta * self.h[0] + (1 - beta) * v, self.h_min)]
         elif self.rule == "stein-tensor":
@@ -217,12 +245,18 @@ class Segment:
 def plan(state: CurvatureState, records: Sequence, last_step) -> list[Segment]:
     """Advance ``state`` over ``records`` (``last_step(record)`` gives the (seed, scalars, second differences) of a
     record's last local step) and group them into :class:`Segment` s. The state only depends on the records, so it
-    can be advanced before the parameters move; callers plan on a copy and keep it once the kernels succeeded."""
+    can be advanced before the parameters move; callers plan on a copy and keep it once the kernels succeeded.
+    A record's divisor is the state's before its own update, or after it for the curvature-first rules."""
     segments: list[Segment] = []
     for rec in records:
-        rule, divisor = state.round_kernel_rule(), state.divisor()
+        if state.curvature_first:  # the round's own second differences first (no H tensor, kernel rule "none")
+            fill = state.advance(*last_step(rec))
+            rule, divisor = kernel_rule_of(state.rule), state.divisor()
+        else:
+            rule, divisor = state.round_kernel_rule(), state.divisor()
+            fill = state.advance(*last_step(rec))
         if not segments or segments[-1].fill is not None or segments[-1].kernel_rule != rule:
             segments.append(Segment(rule))
         segments[-1].items.append((rec, divisor))
-        segments[-1].fill = state.advance(*last_step(rec))
+        segments[-1].fill = fill
     return segments

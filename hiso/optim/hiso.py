@@ -1,7 +1,8 @@
 """HiSo (Li et al., arXiv 2506.02370) as a ``torch.optim.Optimizer``: ZO steps along directions scaled by a curvature
 estimate, with the curvature rules of :mod:`hiso.optim.curvature` (the authors' per-coordinate "gsq", its one-scalar
 ablation "scalar", the per-coordinate and per-tensor Stein rules "stein" / "stein-tensor" (HiZOO, arXiv 2402.15173),
-and "absdelta", one global h from |second differences|). All of them are replayable from the step records alone.
+and "absdelta" / "absdelta-lagged", one global h from |second differences|). All of them are replayable from the
+step records alone.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class HiSo(ZOOptimizer):
     ``curvature_rule="gsq"`` is the authors' rule, H <- beta H + (1 - beta) g_hat^2 with g_hat = (1/P) sum_p c_p z_p;
     ``"stein"`` uses second differences (one more loss per step), H <- beta H + (1 - beta) H (1/P) sum_p Delta_p
     (u_p^2 - 1); ``"scalar"`` is gsq with one global H; ``"stein-tensor"`` one H per tensor; ``"absdelta"`` one
-    global h = EMA of 2 mean |Delta_p| / d that divides the step (directions unscaled). H is floored at ``h_min``.
+    global h = EMA of 2 mean |Delta_p| / d that divides the step (directions unscaled), updated by the step's own
+    Delta_p before the step divides by it ("curvature first"; ``"absdelta-lagged"``: after, as the other rules).
+    H is floored at ``h_min``.
     ``beta`` and ``h_init`` ("ones" / "first-round") default to the rule's (``curvature.DEFAULT_BETA``,
     ``DEFAULT_H_INIT``). ``curvature=`` is the deprecated name of ``curvature_rule=``.
     """

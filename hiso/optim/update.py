@@ -12,7 +12,7 @@ from the last step's aggregated scalars with coefficients b_p:
     "gsq"   (the authors' rule)   b_p = c_p / P                    H <- beta H + (1 - beta) (sum_p b_p u_p / sqrt(H))^2
     "stein" (second differences)  b_p = second_difference_p / P    H <- beta H + (1 - beta) H sum_p b_p (u_p^2 - 1)
 
-The rules whose state is a few Python floats ("scalar", "absdelta", "stein-tensor", :mod:`hiso.optim.curvature`)
+The rules whose state is a few Python floats ("scalar", the absdelta rules, "stein-tensor", :mod:`hiso.optim.curvature`)
 run kernel rounds without H update; their ``divisor`` (h for absdelta, hbar for stein-tensor) divides the step:
 a_p = lr c_p / (P divisor), with divisor 1 giving exactly the bits of lr c_p / P.
 
