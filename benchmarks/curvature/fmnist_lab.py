@@ -28,7 +28,7 @@ forward: (f(x + mu z) - f(x)) / mu (P + 1), as in the authors' HiSo / DeComFL co
                    v = 2 mean_p Delta_p / d (E = tr(A)/d, the mean curvature), beta 0.9; "-hinit": the first update
                    uses beta = 0 (else h_0 = 1)
   absdelta-cf      absdelta with the curvature first: h is updated from the round's own |Delta_p| before the step
-                   (the library's absdelta, like absdelta here, steps with the h of the rounds before: h = 1 in round 0)
+                   (the library's absdelta since 2026-12-02; absdelta here is the library's absdelta-lagged)
   absdelta-cf0     absdelta with the curvature first in round 0 only (h initialised before the first step)
   absdelta         stein-scalar-hinit with v = 2 mean_p |Delta_p| / d (HiZOO's |second difference|, made one global
                    scalar): positive where the Hessian is indefinite (at initialisation the mean of five Delta_p is

@@ -28,11 +28,12 @@ Methods (P directions per step; H_0 = 1 unless "hinit"; "lr" is in each method's
                  relative noise is about d / sqrt(2 n_t))
   stein-scalar   one h: v = h (2/d) (1/P) sum_p Delta_p (E = tr(A)/d), beta 0.99      (ablation of stein-block)
   *-hinit        the first update of H uses beta = 0 (H initialised from the first round's scalars)
-  absdelta       the library's form (hiso.optim.curvature, h_init first-round): probe u, x <- x - lr/(P h) sum c_p u_p
-                 with the h of before the step (h = 1 in the first step), then h <- beta h + (1-beta) 2 mean_p
-                 |Delta_p| / d, beta 0.9 (0 on the first update). On a positive definite quadratic |Delta| = Delta
-  absdelta-cf    absdelta with the curvature first: h is updated from the step's own Delta_p before the step (every
-                 replica can: the step's record carries them), so the first step is already lr / h-scaled
+  absdelta       the library's absdelta-lagged (its absdelta until 2026-12-02; h_init first-round): probe u,
+                 x <- x - lr/(P h) sum c_p u_p with the h of before the step (h = 1 in the first step), then
+                 h <- beta h + (1-beta) 2 mean_p |Delta_p| / d, beta 0.9 (0 on the first update). On a positive
+                 definite quadratic |Delta| = Delta
+  absdelta-cf    the library's absdelta (curvature first): h is updated from the step's own Delta_p before the
+                 step (every replica can: the step's record carries them), so the first step is already lr / h-scaled
   bcd            block-coordinate directions: direction p perturbs only block t_p (u_p restricted to t_p), t_p drawn
                  from pi (prop. to n_t) with a uniform derived from (seed, p); z_p = u_p,t / sqrt(h_t);
                  x <- x - lr sum_p c_p z_p / (n_t + 2)   (lr = 1 is the exact optimum on an isotropic block);

@@ -1,6 +1,6 @@
 #!/bin/bash
 # absdelta with the curvature first (issue 15, docs/curvature.md section 8): h updated from the round's own
-# |Delta_p| before the step (absdelta-cf: every round; absdelta-cf0: round 0 only), against the library's order
+# |Delta_p| before the step (absdelta-cf: every round; absdelta-cf0: round 0 only), against the lagged order
 # (the h of the rounds before; h = 1 in round 0), on Fashion-MNIST at 3 seeds with absdelta's grid, extended until
 # interior. Resumable.
 cd "$(dirname "$0")/../.."
