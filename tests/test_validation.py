@@ -203,6 +203,6 @@ def test_deprecated_rule_keyword_and_public_offsets():
         hk.hiso_round_(b, hb, 7, [0, 1], [0.1, 0.2], [0.3, 0.4], rule="stein", h_min=1e-3)
     for x, y in zip(a + ha, b + hb):
         assert torch.equal(x, y)
-    with pytest.raises(TypeError):
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError):  # the old name warns, both names raise
         hk.replay_(a, [Round([1], [0], [0.1])], curvature_rule="none", rule="gsq")
     assert hk.global_offsets(a, 10) == [10, 15]
