@@ -81,6 +81,24 @@ def test_a_local_step_divides_by_its_own_curvature_on_a_copy_only_with_curvature
     assert local_lagged.step_divisor(6, [1.0, 1.0], [-1.0, 1.0]) == h and local_lagged.rounds == 1
 
 
+def test_a_clients_second_local_step_sees_the_first_divided_by_its_own_h():
+    """K = 2 from round 0: the first local update divides by the h of the first step's own second differences
+    (curvature first), which equals the lagged rule's update (divisor 1) at lr / h_0."""
+    from hiso.fl.protocol import run_local_steps
+
+    def local(rule, lr):
+        model = net()
+        config = FLConfig(method="hiso", lr=lr, local_steps=2, num_directions=3, curvature_rule=rule)
+        return run_local_steps(Replica(model.parameters(), config), [11, 12], lambda: loss_of(model))
+
+    first, lagged = local("absdelta", 1e-3), local("absdelta-lagged", 1e-3)
+    assert first[0][0] == lagged[0][0] and first[0][1] != lagged[0][1]  # same first probes, other second ones
+    state = curv.CurvatureState("absdelta", [p.numel() for p in net().parameters()])
+    h0 = state.step_divisor(11, first[0][0], first[1][0])
+    rescaled = local("absdelta-lagged", 1e-3 / h0)
+    assert first[0][1] == pytest.approx(rescaled[0][1], rel=1e-4)
+
+
 def test_the_first_absdelta_step_is_the_lagged_one_divided_by_the_first_rounds_h():
     moves = {}
     for rule in ("absdelta", "absdelta-lagged"):
