@@ -42,7 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent
 NODES_BACK_S = 120.0  # SuperNodes retry with backoff (up to ~1 min apart in Flower 1.42)
-DEAD_CHILDREN_S = 30.0  # the SuperLink's SuperExec and ServerApp poll for their parent every 0.2 s
+# the SuperLink's SuperExec and ServerApp poll for their parent every 0.2 s, but a ServerApp still importing torch
+# on a loaded 2-core machine has been seen to take longer than 30 s to notice
+DEAD_CHILDREN_S = 90.0
 
 
 class DeployError(RuntimeError):
@@ -104,6 +106,14 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+def _command(pid: int) -> str:
+    """A process's command line (best effort, for messages)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return f"pid {pid} (gone)"
+
+
 def _alive(pid: int, start: str) -> bool:
     st = _proc_stat(pid)
     return st is not None and st[2] == start and st[1] != "Z"
@@ -117,6 +127,7 @@ class Deployment:
         self.procs: list[subprocess.Popen] = []
         self.nodes: list[subprocess.Popen] = []
         self.link: subprocess.Popen | None = None
+        self.left_commands: list[str] = []  # the SuperLink's children still alive DEAD_CHILDREN_S after its crash
         # Flower 1.42 serves the Fleet, Control and Runtime APIs over one HTTP port (--host/--port)
         self.port = free_port()
 
@@ -182,6 +193,7 @@ class Deployment:
         while time.monotonic() < deadline and any(_alive(p, s) for p, s in tree.items()):
             time.sleep(0.2)
         left = [p for p, s in tree.items() if _alive(p, s)]
+        self.left_commands = [_command(p) for p in left]  # what they were, for the summary
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -399,6 +411,7 @@ def crash_superlink(dep: Deployment, first: Submission, journal: Path, after: in
     except DeployError as exc:
         raise DeployError(f"the SuperLink did not come back after the restart: {exc}") from None
     return {"after_round": after, "journaled_at_kill": journaled, "killed_children_left": len(left),
+            "killed_children_left_commands": dep.left_commands,
             "first_flwr_run_exit": first_exit, "old_run": first.run_id(), "offsets": offsets,
             "down_s": round(time.monotonic() - killed_at, 1)}
 
