@@ -171,14 +171,13 @@ class RoundProgress:
         self.bar = tqdm(total=total, desc=desc, unit="round", disable=not enabled, file=file, dynamic_ncols=True,
                         mininterval=0.5, smoothing=0.1)
         self.enabled = enabled
-        self._shown_first = False
 
     def round_done(self, rnd: int, loss: float | None) -> None:
         if loss is not None and math.isfinite(loss):
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        first = self.bar.n == 0
         self.bar.update(rnd - self.bar.n)
-        if not self._shown_first:  # the first round's loss and rate at once, whatever tqdm's 0.5 s throttle says
-            self._shown_first = True
+        if first:  # the first round's loss and rate at once, whatever tqdm's 0.5 s throttle says
             self.bar.refresh()
 
     def write(self, line: str) -> None:

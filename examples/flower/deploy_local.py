@@ -127,7 +127,6 @@ class Deployment:
         self.procs: list[subprocess.Popen] = []
         self.nodes: list[subprocess.Popen] = []
         self.link: subprocess.Popen | None = None
-        self.left_commands: list[str] = []  # the SuperLink's children still alive DEAD_CHILDREN_S after its crash
         # Flower 1.42 serves the Fleet, Control and Runtime APIs over one HTTP port (--host/--port)
         self.port = free_port()
 
@@ -180,9 +179,9 @@ class Deployment:
                 raise DeployError(f"flower-supernode {i} exited with code {node.returncode}; "
                                   f"see {self.out}/supernode-{i}.log")
 
-    def kill_superlink(self) -> list[int]:
+    def kill_superlink(self) -> list[str]:
         """SIGKILL the SuperLink (a crash: no shutdown handler runs) and wait until the processes it started (its
-        SuperExec and the ServerApp, each watching its parent) are gone; returns the pids of those still alive after
+        SuperExec and the ServerApp, each watching its parent) are gone; returns the command lines of those alive after
         DEAD_CHILDREN_S, which are then SIGKILLed too (an orphaned ServerApp must never write the journal beside the
         resumed one)."""
         assert self.link is not None
@@ -193,11 +192,11 @@ class Deployment:
         while time.monotonic() < deadline and any(_alive(p, s) for p, s in tree.items()):
             time.sleep(0.2)
         left = [p for p, s in tree.items() if _alive(p, s)]
-        self.left_commands = [_command(p) for p in left]  # what they were, for the summary
+        commands = [_command(p) for p in left]  # read before the kill, for the summary
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        return left
+        return commands
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         return subprocess.run([self.tool("flwr"), *args], env=self.env, cwd=self.out, capture_output=True,
@@ -411,7 +410,7 @@ def crash_superlink(dep: Deployment, first: Submission, journal: Path, after: in
     except DeployError as exc:
         raise DeployError(f"the SuperLink did not come back after the restart: {exc}") from None
     return {"after_round": after, "journaled_at_kill": journaled, "killed_children_left": len(left),
-            "killed_children_left_commands": dep.left_commands,
+            "killed_children_left_commands": left,
             "first_flwr_run_exit": first_exit, "old_run": first.run_id(), "offsets": offsets,
             "down_s": round(time.monotonic() - killed_at, 1)}
 

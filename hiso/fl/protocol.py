@@ -235,7 +235,7 @@ def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple
     """
     c = replica.config
     params, hessian = replica.params, replica.hessian
-    local_curvature = None if replica.curvature is None else copy.deepcopy(replica.curvature)  # the local steps'
+    local_curvature = None  # the local steps' copy of the curvature state, made at the first local update (K > 1)
     scalars, second, undo, losses = [], [], [], []
     bounds: list[hk.BoundParams] = []  # bound at the first local update (K > 1 only)
     try:
@@ -252,6 +252,8 @@ def run_local_steps(replica: Replica, seeds: Sequence[int], next_batch) -> tuple
                 second.append(tuple(est.second_differences))
             if k < len(seeds) - 1:
                 # the local update of step k (no weight decay, no H update: those come with the aggregated round)
+                if local_curvature is None and replica.curvature is not None:
+                    local_curvature = copy.deepcopy(replica.curvature)
                 divisor = 1.0 if local_curvature is None else local_curvature.step_divisor(
                     int(seed), est.scalars, est.second_differences)
                 coefs = list(step_round([int(seed)], [est.scalars], lr=c.lr, divisor=divisor).coefficients)
