@@ -67,7 +67,7 @@ def main() -> None:
 
     model, tokenizer = load_causal_lm(args.model)
     task = get_task("sst2", args.data_dir, tokenizer=tokenizer, num_train=1000, num_eval=200, max_length=64)
-    eval_batches = task.make_batches(task.eval_examples, 50)
+    eval_batches = task.eval_batches(50)  # prompts of similar length together: less padding
     print(f"before: eval accuracy {task.accuracy(model, eval_batches):.3f}")
     trainer = PromptClassificationTrainer(
         model=model,

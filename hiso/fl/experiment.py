@@ -61,7 +61,9 @@ def build(config: SimulationConfig, *, with_eval: bool = True) -> Setup:
     parts = split_clients(task.train_labels, config.n_clients, scheme=config.split, alpha=config.alpha,  # type: ignore[arg-type]
                           seed=config.seed)
     client_data = [task.train_examples.subset(p) for p in parts]
-    eval_batches = ([b.to(config.device) for b in task.make_batches(task.eval_examples, max(64, config.batch_size))]
+    # task.eval_batches: the split in the task's cheapest order (text tasks batch prompts of similar length: on
+    # SST-2 with SmolLM2-135M that halves the padding, 46 s instead of 81 s for the 872-sentence dev set on 2 cores)
+    eval_batches = ([b.to(config.device) for b in task.eval_batches(max(64, config.batch_size))]
                     if with_eval else [])
     return Setup(task, model, client_data, eval_batches, tokenizer)
 
