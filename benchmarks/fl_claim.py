@@ -89,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--num-eval", type=int, default=2000)
     p.add_argument("--split", default="iid")
     p.add_argument("--aggregation", default="mean", help="mean: the papers' aggregation (hiso's default is robust)")
+    p.add_argument("--device", default="cpu", help="where the runs compute (cuda: the GPU study; recorded per run, "
+                   "not a shared setting, so CPU and GPU runs stay apart only by their folder)")
     args = p.parse_args(argv)
     for arm in args.arms:
         if arm not in ARMS:
@@ -169,7 +171,7 @@ def run_one(args, st: dict, arm: str, difference: str, seed: int, lr: float) -> 
         n_clients=st["n_clients"], clients_per_round=st["clients_per_round"], local_steps=st["local_steps"],
         num_directions=st["num_directions"], lr=lr, mu=st["mu"], batch_size=st["batch_size"], split=st["split"],
         eval_every=st["eval_every"], num_train=st["num_train"], num_eval=st["num_eval"], seed=seed,
-        curvature_rule=rule, difference=difference, aggregation=st["aggregation"])
+        curvature_rule=rule, difference=difference, aggregation=st["aggregation"], device=args.device)
     t0 = time.time()
     rows = run(cfg, setup=build(cfg))
     curve = [dict(round=r["round"], accuracy=r["accuracy"], loss=r.get("loss")) for r in rows]
@@ -180,7 +182,7 @@ def run_one(args, st: dict, arm: str, difference: str, seed: int, lr: float) -> 
                beta=cfg.fl_config().beta if method == "hiso" else None, diverged=diverged, seconds=time.time() - t0,
                metrics=cs.curve_metrics(curve, st["rounds"], [st["target"]]), curve=curve,
                bytes_up=rows[-1].get("bytes_up"), date=dt.date.today().isoformat(), torch=torch.__version__,
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), device=args.device)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as fh:
         json.dump(rec, fh)

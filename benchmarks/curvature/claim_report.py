@@ -116,7 +116,9 @@ def report(out: str, st: dict, machine: str = "") -> str:
         lines.append(f"Machine: {machine}.")
     any_run = next((r for s in arms.values() for r in s["runs"]), None)
     if any_run:
-        lines.append(f"torch {any_run.get('torch')}, {any_run.get('threads')} threads; runs dated "
+        devices = sorted({r.get("device", "cpu") for s in arms.values() for r in s["runs"]})
+        lines.append(f"torch {any_run.get('torch')}, {any_run.get('threads')} threads, device "
+                     f"{', '.join(devices)}; runs dated "
                      f"{min(r['date'] for s in arms.values() for r in s['runs'])}.."
                      f"{max(r['date'] for s in arms.values() for r in s['runs'])}.")
     cmd = os.path.join(out, "commands.txt")
