@@ -294,4 +294,5 @@ def test_claim_report_from_run_files(tmp_path):
     assert "hiso-scalar-central vs decomfl-central" in text
     assert "2x target not testable yet (runs missing); so far not met" in text  # the partial arm decides nothing
     assert "hiso-absdelta-central vs its scalar ablation hiso-scalar-central: median gap 80 rounds" in text
+    assert "1 threads, device cpu; runs dated" in text  # records from before --device count as CPU runs
     assert (tmp_path / "report.md").exists() and (tmp_path / "report.png").exists()
