@@ -316,3 +316,24 @@ def test_an_earlier_run_in_out_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         _deploy_local_module().main(["--out", str(tmp_path)])
     assert exit_.value.code == 2 and "exists (an earlier run): use a fresh --out" in capsys.readouterr().err
+
+
+def test_a_supernode_is_back_when_it_logs_a_reconnection_or_receives_from_the_new_superlink(tmp_path):
+    # Flower 1.42 logs "Connection successful after ..." only after failed retries; a node whose pending reply went
+    # through at once just receives the resubmitted run (seen in a loaded full suite). Lines before the offset (the
+    # log's size at the crash) are the old SuperLink's and do not count.
+    import types
+
+    module = _deploy_local_module()
+    old = b"INFO :      Received successfully\n"
+    logs = [old + b"INFO :      Connection successful after 9.1 seconds and 3 tries.\n",
+            old + b"INFO :      [RUN 2, ROUND join]\nINFO :      Received successfully\n",
+            old + b"WARNING :   Connection attempt failed, retrying in 8.22 seconds\n"]
+    for i, text in enumerate(logs):
+        (tmp_path / f"supernode-{i}.log").write_bytes(text)
+    online = {"nodes": [{"status": "online"}] * 3}
+    stub = types.SimpleNamespace(n_nodes=2, out=tmp_path, check_alive=lambda: None, flwr_json=lambda *a: online)
+    assert module.Deployment.wait_nodes_back(stub, [len(old)] * 2, timeout=5.0) < 5.0
+    stub.n_nodes = 3
+    with pytest.raises(module.DeployError, match=r"SuperNodes \[2\] did not reconnect 1 s after the SuperLink"):
+        module.Deployment.wait_nodes_back(stub, [len(old)] * 3, timeout=1.0)

@@ -41,7 +41,8 @@ except ModuleNotFoundError:  # Python 3.10: Flower depends on tomli
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent
-NODES_BACK_S = 120.0  # SuperNodes retry with backoff (up to ~1 min apart in Flower 1.42)
+NODES_BACK_S = 180.0  # SuperNodes retry with backoff (up to ~1 min apart in Flower 1.42); seen back after 96 s loaded
+BACK_MARKS = (b"Connection successful", b"Received successfully")  # a SuperNode's log lines that show it is back
 # the SuperLink's SuperExec and ServerApp poll for their parent every 0.2 s, but a ServerApp still importing torch
 # on a loaded 2-core machine has been seen to take longer than 30 s to notice
 DEAD_CHILDREN_S = 90.0
@@ -215,17 +216,19 @@ class Deployment:
         return answer
 
     def wait_nodes_back(self, offsets: list[int], timeout: float | None = None) -> float:
-        """After a SuperLink restart: wait until every SuperNode logged that it reconnected (Flower 1.42: "Connection
-        successful after ..." past ``offsets``, the log sizes at the crash) and the SuperLink lists them all online
-        (which alone could be the database's stale word); returns the seconds it took."""
+        """After a SuperLink restart: wait until every SuperNode's log shows it back past ``offsets`` (the log sizes
+        at the crash) and the SuperLink lists them all online (which alone could be the database's stale word);
+        returns the seconds it took. A node is back when it logged "Connection successful after ..." (Flower 1.42's
+        retry message) or received a message from the new SuperLink: a node whose pending reply went through at
+        its first retry logs no retry success and goes on to the resubmitted run (seen under a loaded suite)."""
         timeout = NODES_BACK_S if timeout is None else timeout
         started = time.monotonic()
         back: list[int] = []
         online = 0
         while time.monotonic() - started < timeout:
             self.check_alive()
-            back = [i for i in range(self.n_nodes) if b"Connection successful" in
-                    (self.out / f"supernode-{i}.log").read_bytes()[offsets[i]:]]
+            back = [i for i in range(self.n_nodes)
+                    if any(mark in (self.out / f"supernode-{i}.log").read_bytes()[offsets[i]:] for mark in BACK_MARKS)]
             if len(back) == self.n_nodes:
                 nodes = self.flwr_json("supernode", "ls")["nodes"]
                 online = sum(n.get("status") == "online" for n in nodes)
