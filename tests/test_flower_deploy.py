@@ -319,8 +319,8 @@ def test_an_earlier_run_in_out_is_refused(tmp_path, capsys):
 
 
 def test_a_supernode_is_back_when_it_logs_a_reconnection_or_receives_from_the_new_superlink(tmp_path):
-    # Flower 1.42 logs "Connection successful after ..." only after failed retries; a node whose pending reply went
-    # through at once just receives the resubmitted run (seen in a loaded full suite). Lines before the offset (the
+    # A node can come back without Flower 1.42's "Connection successful after ..." line (seen in a loaded full
+    # suite: it retried for 95 s, then served the resubmitted run and never logged it). Lines before the offset (the
     # log's size at the crash) are the old SuperLink's and do not count.
     import types
 

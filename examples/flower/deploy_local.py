@@ -219,8 +219,8 @@ class Deployment:
         """After a SuperLink restart: wait until every SuperNode's log shows it back past ``offsets`` (the log sizes
         at the crash) and the SuperLink lists them all online (which alone could be the database's stale word);
         returns the seconds it took. A node is back when it logged "Connection successful after ..." (Flower 1.42's
-        retry message) or received a message from the new SuperLink: a node whose pending reply went through at
-        its first retry logs no retry success and goes on to the resubmitted run (seen under a loaded suite)."""
+        retry message) or received a message from the new SuperLink: a node can come back without the first (seen
+        under a loaded suite: a node retried for 95 s, then served the resubmitted run and never logged it)."""
         timeout = NODES_BACK_S if timeout is None else timeout
         started = time.monotonic()
         back: list[int] = []
