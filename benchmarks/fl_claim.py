@@ -2,7 +2,8 @@
 
 Each *arm* is a method and a difference scheme: ``decomfl`` (ZO-SGD, DeComFL arXiv 2405.15861) or ``hiso-<rule>``
 (HiSo arXiv 2506.02370 with a curvature rule of :mod:`hiso.optim.curvature`: ``hiso-gsq`` is the authors' rule,
-``hiso-scalar`` its ablation with one global H, ``hiso-absdelta``, ``hiso-stein``, ``hiso-stein-tensor``), each with
+``hiso-scalar`` its ablation with one global H, ``hiso-absdelta``, ``hiso-stein``, ``hiso-stein-tensor``), or
+``sparse-decomfl`` (DeComFL's step along Sparse-MeZO directions, ``benchmarks/curvature/family_sim.py``), each with
 ``--differences`` central and/or forward (the authors' HiSo and DeComFL code use forward; rules that need second
 differences run central only). Every arm runs at every seed of ``--seeds`` (at least 3) and every lr of its grid;
 the grid is extended by ``--factor`` at the edge its best lr sits on until the best lr is interior (``--max-grid``).
@@ -42,6 +43,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(HERE, "curvature"))
 
 import claim_stats as cs  # noqa: E402
+from family_sim import run_family  # noqa: E402
 
 from hiso.fl.simulation import SimulationConfig, build, run  # noqa: E402
 from hiso.optim.curvature import CURVATURE_RULES, SECOND_DIFFERENCE_RULES  # noqa: E402
@@ -51,7 +53,9 @@ CHANCE = {"fashion_mnist": 0.10, "sst2": 0.50, "rte": 0.50, "cb": 1 / 3}
 #: settings every run of a study shares (written to settings.json; a mismatch exits with code 2)
 SHARED = ("task", "model", "data_dir", "target", "rounds", "eval_every", "n_clients", "clients_per_round",
           "local_steps", "num_directions", "mu", "batch_size", "num_train", "num_eval", "split", "aggregation")
-ARMS = ("decomfl", *(f"hiso-{r}" for r in CURVATURE_RULES))
+#: DeComFL's step along a reduced-dimension direction family (``benchmarks/curvature/family_sim.py``, not kernels)
+FAMILY_ARMS = {"sparse-decomfl": "sparse"}
+ARMS = ("decomfl", *(f"hiso-{r}" for r in CURVATURE_RULES), *FAMILY_ARMS)
 
 
 class UsageError(SystemExit):
@@ -165,7 +169,7 @@ def run_one(args, st: dict, arm: str, difference: str, seed: int, lr: float) -> 
     if os.path.exists(path):
         with open(path) as fh:
             return json.load(fh)
-    method, rule = ("decomfl", "gsq") if arm == "decomfl" else ("hiso", arm[5:])
+    method, rule = ("hiso", arm[5:]) if arm.startswith("hiso-") else ("decomfl", "gsq")
     cfg = SimulationConfig(
         task=st["task"], model=st["model"], data_dir=st["data_dir"], method=method, rounds=st["rounds"],
         n_clients=st["n_clients"], clients_per_round=st["clients_per_round"], local_steps=st["local_steps"],
@@ -173,12 +177,17 @@ def run_one(args, st: dict, arm: str, difference: str, seed: int, lr: float) -> 
         eval_every=st["eval_every"], num_train=st["num_train"], num_eval=st["num_eval"], seed=seed,
         curvature_rule=rule, difference=difference, aggregation=st["aggregation"], device=args.device)
     t0 = time.time()
-    rows = run(cfg, setup=build(cfg))
+    if arm in FAMILY_ARMS:
+        rows = run_family(cfg, FAMILY_ARMS[arm], setup=build(cfg))
+    else:
+        rows = run(cfg, setup=build(cfg))
     curve = [dict(round=r["round"], accuracy=r["accuracy"], loss=r.get("loss")) for r in rows]
     diverged = any(r.get("diverged") for r in rows)
     if diverged:
         curve = cs.fill_after_divergence(curve, st["rounds"], st["eval_every"], CHANCE.get(st["task"], 0.0))
     rec = dict(arm=arm, difference=difference, seed=seed, lr=lr, curvature_rule=None if method == "decomfl" else rule,
+               family=FAMILY_ARMS.get(arm),
+               mask_fraction=next((r["mask_fraction"] for r in rows if "mask_fraction" in r), None),
                beta=cfg.fl_config().beta if method == "hiso" else None, diverged=diverged, seconds=time.time() - t0,
                metrics=cs.curve_metrics(curve, st["rounds"], [st["target"]]), curve=curve,
                bytes_up=rows[-1].get("bytes_up"), date=dt.date.today().isoformat(), torch=torch.__version__,
