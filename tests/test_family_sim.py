@@ -100,6 +100,8 @@ def test_bad_settings_are_errors(tiny_lm):
             fs.FamilyReplica(params, cfg.fl_config(), **kwargs)
     with pytest.raises(ValueError, match="K = 1"):
         fs.FamilyReplica(params, config(tiny_lm, local_steps=2).fl_config(), "sparse")
+    with pytest.raises(ValueError, match="weight decay"):
+        fs.FamilyReplica(params, config(tiny_lm, weight_decay=0.1).fl_config(), "sparse")
     assert torch.equal(params[0], torch.zeros(3, 3))
 
 
