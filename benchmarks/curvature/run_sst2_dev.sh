@@ -3,12 +3,7 @@
 # third section), in priority order. Resumable: every finished (arm, lr, seed) run is a file under
 # benchmarks/results/claim-sst2-dev/runs/ and is skipped on a rerun.
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}  # relative to the repository root (the script cds there)
-DATA=${HISO_DATA_DIR:-../shared/data}
-export PYTHONPATH=$PWD
-H="nice -n 19 $PY benchmarks/fl_claim.py --out benchmarks/results/claim-sst2-dev --task sst2 --model smollm2-135m
-   --data-dir $DATA --target 0.65 --rounds 100 --eval-every 10 --n-clients 4 --clients-per-round 1
-   --num-directions 1 --batch-size 8 --num-train 400 --num-eval 872 --aggregation mean --no-extend"
+source benchmarks/curvature/sst2_dev_settings.sh  # PY, DATA, H (the shared fl_claim call)
 for seed in 0 1 2; do  # each arm's best lr in the preregistered study (both interior there), seed by seed
   $H --pilot --seeds $seed --arms decomfl hiso-absdelta --lr-grid decomfl=1e-4 hiso-absdelta=1e-9
 done
