@@ -171,19 +171,32 @@ def absdelta_h(h: float, ds, P: int, d: int, rnd: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ direction families
 @torch.no_grad()
-def sparse_masks(params, sparsity):
-    """Sparse-MeZO's masks (arXiv 2402.15751) from the shared parameters: per matrix (dim >= 2), 1 on the
-    round(1 - sparsity) fraction of smallest |x| (ties at the threshold included), None for vectors."""
-    masks = []
+def sparse_thresholds(params, sparsity):
+    """Sparse-MeZO's per-matrix thresholds (arXiv 2402.15751): the round(1 - sparsity) smallest |x| of a matrix
+    (dim >= 2) are at or below its threshold; infinity where that selects every entry (every entry moves, also one
+    that later grows past it); None for vectors."""
+    out = []
     for t in params:
         if t.dim() < 2:
-            masks.append(None)
+            out.append(None)
             continue
         a = t.detach().abs()
         k = max(1, round((1.0 - sparsity) * a.numel()))
         q = torch.kthvalue(a.flatten(), k).values
-        masks.append((a <= q).to(t.dtype))
-    return masks
+        out.append(torch.tensor(math.inf, dtype=t.dtype, device=t.device) if bool((a <= q).all()) else q)
+    return out
+
+
+def masks_below(params, thresholds):
+    """1 where |x| <= the tensor's threshold (ties included), None where the threshold is None."""
+    return [None if h is None else (t.detach().abs() <= h).to(t.dtype) for t, h in zip(params, thresholds)]
+
+
+@torch.no_grad()
+def sparse_masks(params, sparsity):
+    """Sparse-MeZO's masks from the shared parameters: per matrix 1 on the round(1 - sparsity) fraction of smallest
+    |x| (ties at the threshold included), None for vectors."""
+    return masks_below(params, sparse_thresholds(params, sparsity))
 
 
 def family_direction(family, params, offsets, seed, run_seed, rnd, p, *, masks=None, rank=2, nu=50):

@@ -189,6 +189,10 @@ class Replica:
         curv.plan(state, records, _last_step)
         self.curvature = state
 
+    def run_local_steps(self, seeds: Sequence[int], next_batch) -> tuple[tuple, tuple | None, float]:
+        """This replica's K local steps from its current x (:func:`run_local_steps`)."""
+        return run_local_steps(self, seeds, next_batch)
+
     def state_bits(self) -> list[torch.Tensor]:
         out = [p.detach().clone() for p in self.params] + ([h.clone() for h in self.hessian] if self.hessian else [])
         if self.curvature is not None and self.curvature.rule in curv.SCALAR_STATE_RULES:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 
@@ -26,7 +26,7 @@ from . import messages, robust
 from .baselines import run_fedavg, run_mezo
 from .experiment import BatchStream, Setup, build, client_streams
 from .metrics import RunMetrics
-from .protocol import DivergedError, FLConfig, Replica, run_local_steps
+from .protocol import DivergedError, FLConfig, Replica
 from .server import AGGREGATIONS, Server
 
 METHODS = ("hiso", "decomfl", "mezo", "fedavg")
@@ -127,7 +127,8 @@ def params_sha256(params) -> str:
 def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = None, setup: Setup | None = None,
         journal: str | None = None, resume: bool = False, evaluated: Collection[int] = (), elapsed: float = 0.0,
         after_round: Callable[[int], None] | None = None,
-        on_round: Callable[[int, float | None], None] | None = None) -> list[dict]:
+        on_round: Callable[[int, float | None], None] | None = None,
+        replica_factory: Callable[[Iterable[torch.Tensor], FLConfig], Replica] = Replica) -> list[dict]:
     """Run one method; returns one metrics row per evaluation (also passed to ``on_eval``).
 
     ``on_round(round, loss)`` is called after every round with that round's mean training loss (None if no client
@@ -135,7 +136,9 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
 
     Scalar-only methods write their log to ``journal`` (a path) if given; ``resume`` continues from it instead
     (rounds whose rows exist, ``evaluated``, are not evaluated again; ``elapsed`` seconds carry over).
-    ``after_round(r)`` is called after each round of a scalar-only method (e.g. to save weights)."""
+    ``after_round(r)`` is called after each round of a scalar-only method (e.g. to save weights).
+    ``replica_factory(params, fl_config)`` makes the shared replica of a scalar-only method (a subclass can change how
+    its clients probe and how records apply, e.g. another direction family in ``benchmarks/curvature``)."""
     setup = setup or build(config)
     metrics = RunMetrics(config.method)
     metrics.started -= elapsed
@@ -165,7 +168,7 @@ def run(config: SimulationConfig, *, on_eval: Callable[[dict], None] | None = No
 
     if config.method in ("hiso", "decomfl"):
         run_scalar_only(config, setup, metrics, evaluate, end_round, journal=journal, resume=resume,
-                        evaluated=evaluated, after_round=after_round)
+                        evaluated=evaluated, after_round=after_round, replica_factory=replica_factory)
         return rows
     if resume:
         raise ValueError(f"{config.method} keeps no journal and cannot resume; run it again")
@@ -206,12 +209,13 @@ def _resume_state(config: SimulationConfig, server: Server, streams: list[BatchS
 
 def run_scalar_only(config: SimulationConfig, setup: Setup, metrics: RunMetrics, evaluate: Callable[..., None],
                     end_round: Callable[..., None], *, journal: str | None = None, resume: bool = False,
-                    evaluated: Collection[int] = (), after_round: Callable[[int], None] | None = None) -> None:
+                    evaluated: Collection[int] = (), after_round: Callable[[int], None] | None = None,
+                    replica_factory: Callable[[Iterable[torch.Tensor], FLConfig], Replica] = Replica) -> None:
     """HiSo / DeComFL: the protocol's server and clients in one process, bytes counted from the encoded messages."""
     model = setup.model
     streams = client_streams(config, setup)
     fl = config.fl_config()
-    replica = Replica(model.parameters(), fl)
+    replica = replica_factory(model.parameters(), fl)
     digest = params_sha256(replica.params)
     if resume:
         if journal is None:
@@ -234,8 +238,8 @@ def run_scalar_only(config: SimulationConfig, setup: Setup, metrics: RunMetrics,
             stream = streams[assignment.client]
             drawn = stream.drawn
             try:
-                scalars, second, loss = run_local_steps(replica, assignment.seeds,
-                                                        functools.partial(stream.next_closure, model))
+                scalars, second, loss = replica.run_local_steps(assignment.seeds,
+                                                                functools.partial(stream.next_closure, model))
             except NonFiniteLossError as exc:  # e.g. after divergence: this client sends nothing
                 server.record_failure(assignment.client, str(exc))
                 continue
