@@ -163,19 +163,29 @@ def check_settings(args) -> dict:
     return mine
 
 
+def sim_config(st: dict, arm: str, difference: str, seed: int, lr: float, *, device: str = "cpu",
+               **overrides) -> SimulationConfig:
+    """The simulation config of one (arm, difference, seed, lr) run of a study whose shared settings are ``st``
+    (its ``settings.json``); ``overrides`` replace fields (e.g. a diagnosis without evaluation)."""
+    method, rule = ("hiso", arm[5:]) if arm.startswith("hiso-") else ("decomfl", "gsq")
+    fields = dict(
+        task=st["task"], model=st["model"], data_dir=st["data_dir"], method=method, rounds=st["rounds"],
+        n_clients=st["n_clients"], clients_per_round=st["clients_per_round"], local_steps=st["local_steps"],
+        num_directions=st["num_directions"], lr=lr, mu=st["mu"], batch_size=st["batch_size"], split=st["split"],
+        eval_every=st["eval_every"], num_train=st["num_train"], num_eval=st["num_eval"], seed=seed,
+        curvature_rule=rule, difference=difference, aggregation=st["aggregation"], device=device)
+    fields.update(overrides)
+    return SimulationConfig(**fields)
+
+
 def run_one(args, st: dict, arm: str, difference: str, seed: int, lr: float) -> dict:
     """Run (or load) one (arm, difference, lr, seed); returns its record."""
     path = run_path(args.out, arm, difference, seed, lr)
     if os.path.exists(path):
         with open(path) as fh:
             return json.load(fh)
-    method, rule = ("hiso", arm[5:]) if arm.startswith("hiso-") else ("decomfl", "gsq")
-    cfg = SimulationConfig(
-        task=st["task"], model=st["model"], data_dir=st["data_dir"], method=method, rounds=st["rounds"],
-        n_clients=st["n_clients"], clients_per_round=st["clients_per_round"], local_steps=st["local_steps"],
-        num_directions=st["num_directions"], lr=lr, mu=st["mu"], batch_size=st["batch_size"], split=st["split"],
-        eval_every=st["eval_every"], num_train=st["num_train"], num_eval=st["num_eval"], seed=seed,
-        curvature_rule=rule, difference=difference, aggregation=st["aggregation"], device=args.device)
+    cfg = sim_config(st, arm, difference, seed, lr, device=args.device)
+    method, rule = cfg.method, cfg.curvature_rule
     t0 = time.time()
     if arm in FAMILY_ARMS:
         rows = run_family(cfg, FAMILY_ARMS[arm], setup=build(cfg))

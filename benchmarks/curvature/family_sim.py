@@ -92,11 +92,12 @@ class FamilyReplica(Replica):
         """z_p per tensor (float32): u(seed, p) with each tensor's global offset, times the matrix masks."""
         masks = self._current_masks()
         if (seed, p) not in self._z:
-            self._z[(seed, p)] = [
-                u if m is None else u * m
-                for u, m in ((hk.directions(seed, t.numel(), direction=p, offset=off,
-                                            distribution=self.config.distribution, device=t.device).view_as(t), m)
-                             for t, off, m in zip(self.params, self.offsets, masks))]
+            z = []
+            for t, off, m in zip(self.params, self.offsets, masks):
+                u = hk.directions(seed, t.numel(), direction=p, offset=off, distribution=self.config.distribution,
+                                  device=t.device).view_as(t)
+                z.append(u if m is None else u * m)
+            self._z[(seed, p)] = z
         return self._z[(seed, p)]
 
     @torch.no_grad()

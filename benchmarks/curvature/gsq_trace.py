@@ -10,11 +10,11 @@ This script prints, after every applied round, the mean H, the per-tensor range 
 DeComFL lr a coordinate sees on average), the share of coordinates with H_j < 2 (those still stepping at more than
 half the nominal lr) and the round's scalar, and writes them as JSON.
 
-    python benchmarks/curvature/gsq_trace.py --task sst2 --model smollm2-135m --data-dir ../shared/data \\
-        --lr 3e-4 --rounds 40 --out benchmarks/curvature/results/sst2-gsq-trace.json
+    python benchmarks/curvature/gsq_trace.py --study benchmarks/results/claim-sst2-dev --lr 3e-4 --rounds 40 \\
+        --out benchmarks/curvature/results/sst2-gsq-trace.json
 
-The other settings are the SST-2 follow-up's (4 clients, 1 per round, K = 1, P = 1, batch 8, 400 sentences, mu
-1e-3, mean aggregation, central differences); no evaluation is run.
+The run is the claim study's ``hiso-gsq`` run (central differences) at that seed and lr, built from the study's
+``settings.json`` by ``fl_claim.sim_config``, for the first ``--rounds`` rounds and without evaluation.
 """
 from __future__ import annotations
 
@@ -25,26 +25,31 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from hiso.fl import simulation as sim
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ (fl_claim)
+from fl_claim import sim_config
+
 from hiso.fl.protocol import Replica
+from hiso.fl.simulation import run
 
 
 def h_summary(hessian: list[torch.Tensor], lr: float) -> dict:
-    """Mean H, per-tensor mean range, lr * mean(1/H) and the share of H_j < 2 over every coordinate."""
+    """Mean H, per-tensor mean range, lr * mean(1/H) and the share of H_j < 2 over every coordinate (one float64
+    copy of each tensor, freed before the next)."""
     n = sum(h.numel() for h in hessian)
-    means = [float(h.double().mean()) for h in hessian]
-    mean = sum(m * h.numel() for m, h in zip(means, hessian)) / n
-    inv = sum(float(h.double().reciprocal().sum()) for h in hessian) / n
-    below = sum(int((h < 2).sum()) for h in hessian) / n
-    return dict(mean_h=mean, tensor_mean_h=[min(means), max(means)], effective_lr=lr * inv, share_h_below_2=below)
+    sums, inv, below = [], 0.0, 0
+    for h in hessian:
+        hd = h.double()
+        sums.append(float(hd.sum()))
+        inv += float(hd.reciprocal_().sum())
+        below += int((h < 2).sum())
+    means = [s / h.numel() for s, h in zip(sums, hessian)]
+    return dict(mean_h=sum(sums) / n, tensor_mean_h=[min(means), max(means)], effective_lr=lr * inv / n,
+                share_h_below_2=below / n)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="sst2")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--study", default="benchmarks/results/claim-sst2-dev", help="a claim study's folder")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
@@ -52,6 +57,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.lr <= 0:
         p.error("--rounds must be >= 1 and --lr > 0")
+    with open(os.path.join(args.study, "settings.json")) as fh:
+        st = json.load(fh)
     trace: list[dict] = []
 
     class TracingReplica(Replica):
@@ -63,15 +70,12 @@ def main(argv=None) -> int:
                   f"[{row['tensor_mean_h'][0]:.2f}, {row['tensor_mean_h'][1]:.2f}]  lr*mean(1/H) "
                   f"{row['effective_lr']:.3g}  H<2: {row['share_h_below_2']:.4f}", flush=True)
 
-    cfg = sim.SimulationConfig(
-        task=args.task, model=args.model, data_dir=args.data_dir, method="hiso", curvature_rule="gsq",
-        rounds=args.rounds, eval_every=10 ** 9, n_clients=4, clients_per_round=1, num_directions=1, batch_size=8,
-        num_train=400, num_eval=8, aggregation="mean", lr=args.lr, mu=1e-3, seed=args.seed, difference="central")
-    sim.run(cfg, replica_factory=TracingReplica)
+    run(sim_config(st, "hiso-gsq", "central", args.seed, args.lr, rounds=args.rounds, eval_every=10 ** 9,
+                   num_eval=8), replica_factory=TracingReplica)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump(dict(settings=vars(args), torch=torch.__version__, trace=trace), fh, indent=1)
+            json.dump(dict(settings=vars(args), study=st, torch=torch.__version__, trace=trace), fh, indent=1)
     return 0
 
 
